@@ -1,0 +1,18 @@
+# The README's two commands: `make demo` (the main job) and `make test` (the test suite).
+# Each installs what it needs first (scripts/install.sh; never CUDA wheels on a CPU machine).
+PYTHON ?= python3
+export PYTHON
+
+.PHONY: install demo test bench
+
+install:
+	bash scripts/install.sh
+
+demo: install
+	$(PYTHON) -m deepalign selfcheck
+
+test: install
+	$(PYTHON) -m pytest
+
+bench: install
+	$(PYTHON) -m benchmarks.topk_rank

@@ -1,0 +1,7 @@
+"""``python -m deepalign`` is the ``deepalign`` command."""
+
+import sys
+
+from deepalign.cli import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""Prefilling, Rank-Assisted Prefilling (RAP / AutoRAP) and decoding-parameter attacks."""

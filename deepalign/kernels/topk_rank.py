@@ -1,0 +1,295 @@
+"""Fused top-k / logsumexp / target-rank over the vocabulary, in one read of the logits.
+
+For logits ``x`` of shape ``[N, V]`` and each row ``n``:
+
+* ``values[n, r]``, ``indices[n, r]`` for ``r < k``: the ``k`` largest logits in the *total order*
+  "by value descending, ties broken by lower index";
+* ``logsumexp[n] = log Σ_v exp(x[n, v])`` (float32; ``-inf`` for a row that is all ``-inf``);
+* for each target token ``t`` of the row, its 0-based rank in that order,
+  ``rank(t) = #{v : x_v > x_t} + #{v < t : x_v == x_t}``, and its log-probability
+  ``x_t − logsumexp`` (``-inf`` when ``x_t == -inf``, the probability of a masked token being 0).
+
+Invariant: ``indices[n, r] == t`` if and only if ``rank(t) == r``, for every ``r < k``.
+
+``-0.0`` and ``+0.0`` compare equal (their order is by index). ``-inf`` is a legal logit (a masked
+vocabulary entry); a NaN or ``+inf`` anywhere in a row makes the distribution undefined and raises
+``ValueError`` naming the row. The Triton kernel finds such rows during its one pass.
+
+The Triton kernel (``topk_rank_triton``) ranks through one order-preserving 64-bit key per
+vocabulary entry, ``key(v) = ord32(x_v) · 2³² + (2³² − 1 − v)``, where ``ord32`` maps float32 bit
+patterns to integers in the order of the floats: keys are distinct, so ``rank(t) = #{v : key(v) >
+key(t)}`` and the top-k is the k largest keys. The PyTorch reference (``topk_rank_reference``)
+applies the same order directly on the values, which is faster on a CPU.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from deepalign.kernels._dispatch import Backend, check_same_device, resolve_backend
+
+MAX_K = 64
+LOGIT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+class TopKRank(NamedTuple):
+    """Result of :func:`topk_rank`.
+
+    values: ``[N, k]`` logits in descending order (dtype of the logits).
+    indices: ``[N, k]`` int64 vocabulary indices of ``values``.
+    logsumexp: ``[N]`` float32.
+    target_rank: int64, shape of ``targets`` (``None`` without targets).
+    target_logprob: float32, shape of ``targets`` (``None`` without targets).
+    """
+
+    values: torch.Tensor
+    indices: torch.Tensor
+    logsumexp: torch.Tensor
+    target_rank: torch.Tensor | None
+    target_logprob: torch.Tensor | None
+
+
+def topk_rank(
+    logits: torch.Tensor,
+    k: int,
+    targets: torch.Tensor | None = None,
+    *,
+    backend: Backend = "auto",
+) -> TopKRank:
+    """Top-k, logsumexp and target ranks / log-probabilities of each row of ``logits``.
+
+    Args:
+        logits: ``[N, V]`` float16, bfloat16 or float32.
+        k: number of top entries, ``1 ≤ k ≤ min(64, V)``.
+        targets: optional integer tensor ``[N]`` (one target per row) or ``[N, M]`` (M per row),
+            each in ``[0, V)``.
+        backend: ``"auto"`` (CUDA → Triton; CPU → PyTorch, or Triton's interpreter when
+            ``TRITON_INTERPRET=1``), ``"triton"`` or ``"torch"``.
+
+    Returns:
+        :class:`TopKRank`; see the module docstring for the exact semantics.
+    """
+    squeeze_targets = _validate(logits, k, targets)
+    device = check_same_device(logits=logits, targets=targets)
+    impl = resolve_backend(backend, device)
+    if logits.shape[0] == 0:
+        return _empty_result(logits, k, targets)
+    if logits.stride(-1) != 1:
+        logits = logits.contiguous()
+    target_matrix = None
+    if targets is not None:
+        target_matrix = targets.reshape(logits.shape[0], -1).to(torch.int64).contiguous()
+    if impl == "triton":
+        from deepalign.kernels.topk_rank_triton import topk_rank_triton
+
+        values, indices, lse, rank, logprob, bad_rows = topk_rank_triton(logits, k, target_matrix)
+    else:
+        values, indices, lse, rank, logprob, bad_rows = topk_rank_reference(logits, k, target_matrix)
+    _raise_on_bad_rows(bad_rows)
+    if rank is not None and squeeze_targets:
+        rank, logprob = rank.squeeze(1), logprob.squeeze(1)
+    return TopKRank(values, indices, lse, rank, logprob)
+
+
+def topk_rank_chunked(
+    logits: torch.Tensor,
+    k: int,
+    targets: torch.Tensor | None = None,
+    *,
+    chunk_rows: int = 256,
+    backend: Backend = "auto",
+) -> TopKRank:
+    """:func:`topk_rank` over logits of any leading shape ``[..., V]``, ``chunk_rows`` rows at a time.
+
+    ``targets`` has shape ``[...]`` (one per position) or ``[..., M]``. Results keep the leading
+    shape: ``values [..., k]``, ``logsumexp [...]``, ``target_rank`` like ``targets``. Working
+    memory beyond the outputs is bounded by one chunk (e.g. ``[B, T, V]`` logits of a batch of
+    sequences never get a float32 or key copy of their own).
+    """
+    if not isinstance(chunk_rows, int) or chunk_rows < 1:
+        raise ValueError(f"chunk_rows must be a positive int, got {chunk_rows!r}")
+    if not isinstance(logits, torch.Tensor) or logits.dim() < 1:
+        raise ValueError("logits must be a tensor [..., V] with at least one dimension")
+    lead = logits.shape[:-1]
+    flat = logits.reshape(-1, logits.shape[-1])
+    flat_targets = flatten_targets(targets, lead)
+    pieces = []
+    for start in range(0, flat.shape[0], chunk_rows):
+        rows = slice(start, start + chunk_rows)
+        chunk_targets = None if flat_targets is None else flat_targets[rows]
+        try:
+            pieces.append(topk_rank(flat[rows], k, chunk_targets, backend=backend))
+        except NonFiniteLogitsError as error:
+            raise _locate_bad_row(error.row + start, lead) from None
+    if not pieces:
+        pieces.append(topk_rank(flat, k, flat_targets, backend=backend))
+    return concat_results(pieces, lead, None if targets is None else targets.shape)
+
+
+def flatten_targets(targets: torch.Tensor | None, lead: torch.Size) -> torch.Tensor | None:
+    """Check ``targets`` against the leading shape ``lead`` of some ``[..., V]`` logits and return
+    them as ``[prod(lead), M]``. Accepted shapes: ``lead`` (M = 1) or ``lead + (M,)``."""
+    if targets is None:
+        return None
+    if not isinstance(targets, torch.Tensor):
+        raise TypeError(f"targets must be a tensor, got {type(targets).__name__}")
+    if targets.shape != lead and not (targets.dim() == len(lead) + 1 and targets.shape[:-1] == lead):
+        raise ValueError(f"targets must have shape {tuple(lead)} or {tuple(lead)} + (M,) to match the logits' "
+                         f"leading shape; got {tuple(targets.shape)}")
+    return targets.reshape(lead.numel(), -1)
+
+
+def concat_results(pieces: list[TopKRank], lead: torch.Size, target_shape: torch.Size | None) -> TopKRank:
+    """Concatenate per-chunk results (rows in order) and reshape them to the leading shape ``lead``
+    and, for the target fields, to ``target_shape``."""
+    def cat(field: str) -> torch.Tensor:
+        return torch.cat([getattr(piece, field) for piece in pieces])
+
+    k = pieces[0].values.shape[-1]
+    result = TopKRank(cat("values").reshape(*lead, k), cat("indices").reshape(*lead, k),
+                      cat("logsumexp").reshape(lead), None, None)
+    if target_shape is not None:
+        result = result._replace(target_rank=cat("target_rank").reshape(target_shape),
+                                 target_logprob=cat("target_logprob").reshape(target_shape))
+    return result
+
+
+def _empty_result(logits: torch.Tensor, k: int, targets: torch.Tensor | None) -> TopKRank:
+    """The result for ``N = 0`` rows, with the documented shapes and dtypes."""
+    device = logits.device
+    result = TopKRank(logits.new_empty((0, k)), torch.empty((0, k), dtype=torch.int64, device=device),
+                      torch.empty((0,), dtype=torch.float32, device=device), None, None)
+    if targets is not None:
+        result = result._replace(target_rank=torch.empty(targets.shape, dtype=torch.int64, device=device),
+                                 target_logprob=torch.empty(targets.shape, dtype=torch.float32, device=device))
+    return result
+
+
+class NonFiniteLogitsError(ValueError):
+    """A row of logits holds NaN or +inf. ``row`` is the first such row (flat row index)."""
+
+    def __init__(self, row: int, count: int):
+        self.row = row
+        self.count = count
+        more = f" (and {count - 1} other rows)" if count > 1 else ""
+        super().__init__(f"logits row {row} contains NaN or +inf{more}; -inf is the only legal non-finite logit")
+
+
+def _locate_bad_row(flat_row: int, lead: torch.Size) -> ValueError:
+    position = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat_row), lead))
+    return ValueError(f"logits at position {position} (flat row {flat_row}) contains NaN or +inf; "
+                      f"-inf is the only legal non-finite logit")
+
+
+def _validate(logits: torch.Tensor, k: int, targets: torch.Tensor | None) -> bool:
+    """Check arguments; return True when targets is 1-D (results are squeezed back to ``[N]``)."""
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
+    if logits.dim() != 2:
+        raise ValueError(f"logits must have shape [N, V] (2 dimensions), got {tuple(logits.shape)}")
+    if logits.dtype not in LOGIT_DTYPES:
+        raise TypeError(f"logits must be float16, bfloat16 or float32, got {logits.dtype}")
+    n_rows, vocab = logits.shape
+    if vocab == 0:
+        raise ValueError("logits has an empty vocabulary dimension (V = 0)")
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise TypeError(f"k must be an int, got {type(k).__name__}")
+    if not 1 <= k <= MAX_K:
+        raise ValueError(f"k must be in [1, {MAX_K}], got {k}")
+    if k > vocab:
+        raise ValueError(f"k must be at most the vocabulary size V = {vocab}, got {k}")
+    if targets is None:
+        return False
+    if not isinstance(targets, torch.Tensor):
+        raise TypeError(f"targets must be a torch.Tensor, got {type(targets).__name__}")
+    if targets.dtype.is_floating_point or targets.dtype.is_complex or targets.dtype == torch.bool:
+        raise TypeError(f"targets must be an integer tensor, got {targets.dtype}")
+    if targets.dim() not in (1, 2) or targets.shape[0] != n_rows:
+        raise ValueError(f"targets must have shape [N] or [N, M] with N = {n_rows}, got {tuple(targets.shape)}")
+    if targets.dim() == 2 and targets.shape[1] == 0:
+        raise ValueError("targets has M = 0 targets per row; pass targets=None instead")
+    if targets.numel():
+        outside = (targets < 0) | (targets >= vocab)
+        if bool(outside.any()):
+            where = tuple(int(i) for i in outside.nonzero()[0])
+            raise ValueError(f"targets must lie in [0, {vocab}); targets{list(where)} = {int(targets[where])}")
+    return targets.dim() == 1
+
+
+def _raise_on_bad_rows(bad_rows: torch.Tensor) -> None:
+    """``bad_rows``: ``[N]``, nonzero where a row holds NaN/+inf (either implementation)."""
+    if bad_rows.numel() and bool(bad_rows.any()):
+        rows = bad_rows.nonzero().flatten()
+        raise NonFiniteLogitsError(int(rows[0]), int(rows.numel()))
+
+
+def topk_rank_reference(
+    logits: torch.Tensor, k: int, targets: torch.Tensor | None, *, chunk_elements: int = 1 << 24
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
+    """PyTorch implementation with the kernel's semantics (the CPU path).
+
+    ``targets`` is ``[N, M]`` int64 or ``None``. Works on ``chunk_elements // V`` rows at a time
+    to bound its float32 copy and masks. Returns ``(values, indices, logsumexp, rank, logprob,
+    bad_rows)`` where ``bad_rows[n]`` is nonzero exactly when row ``n`` holds a NaN or +inf.
+
+    Top-k: ``torch.topk`` finds the k largest values, ``τ`` the k-th. When exactly k entries are
+    ``≥ τ`` that set is the answer; otherwise (ties across the cut, rare) every entry ``> τ`` is
+    kept and the lowest-indexed entries ``== τ`` fill the remaining places. A stable descending
+    sort of the k chosen entries, taken in ascending index order, gives the order. Rank:
+    ``#{x_v > x_t} + #{v < t : x_v == x_t}``. NaN / +inf rows are found from the logsumexp (NaN
+    or +inf exactly for such rows, since it is computed stably), so they cost no extra pass.
+    """
+    n_rows, vocab = logits.shape
+    rows_per_chunk = max(1, chunk_elements // vocab)
+    index = torch.arange(vocab, device=logits.device)
+    values, indices, lse, bad, rank, logprob = [], [], [], [], [], []
+    for start in range(0, n_rows, rows_per_chunk):
+        x = logits[start:start + rows_per_chunk]
+        x32 = x.to(torch.float32)
+        row_lse = torch.logsumexp(x32, dim=1)
+        row_bad = ~(row_lse < float("inf"))
+        if bool(row_bad.any()):  # the caller raises; keep the selection below well-defined
+            x32 = torch.where(row_bad[:, None], 0.0, x32)
+        top_indices = _select_topk(x32, k)
+        values.append(x.gather(1, top_indices))
+        indices.append(top_indices)
+        lse.append(row_lse)
+        bad.append(row_bad)
+        if targets is not None:
+            t = targets[start:start + rows_per_chunk]
+            target_x = x32.gather(1, t)
+            counts = [(x32 > target_x[:, m:m + 1]).sum(dim=1)
+                      + ((x32 == target_x[:, m:m + 1]) & (index < t[:, m:m + 1])).sum(dim=1)
+                      for m in range(t.shape[1])]
+            rank.append(torch.stack(counts, dim=1))
+            logprob.append(_target_logprob(target_x, row_lse))
+    cat = torch.cat
+    if targets is None:
+        return cat(values), cat(indices), cat(lse), None, None, cat(bad)
+    return cat(values), cat(indices), cat(lse), cat(rank), cat(logprob), cat(bad)
+
+
+def _select_topk(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices ``[n, k]`` of the k first entries of each row of float32 ``x`` in the order
+    "value descending, lower index first" (see :func:`topk_rank_reference`)."""
+    top = x.topk(k, dim=1)
+    threshold = top.values[:, -1:]
+    at_least = x >= threshold
+    chosen = top.indices.sort(dim=1).values
+    crowded = at_least.sum(dim=1) > k
+    if bool(crowded.any()):
+        rows = crowded.nonzero().flatten()
+        greater = x[rows] > threshold[rows]
+        tied = x[rows] == threshold[rows]
+        tied_taken = tied & (tied.cumsum(dim=1) <= k - greater.sum(dim=1, keepdim=True))
+        chosen[rows] = (greater | tied_taken).nonzero()[:, 1].view(-1, k)
+    order = x.gather(1, chosen).sort(dim=1, descending=True, stable=True).indices
+    return chosen.gather(1, order)
+
+
+def _target_logprob(target_logits: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+    """``x_t − logsumexp``, with ``-inf`` (probability 0) wherever ``x_t`` is ``-inf``."""
+    logprob = target_logits - lse[:, None]
+    return torch.where(target_logits == float("-inf"), float("-inf"), logprob)

@@ -1,0 +1,1 @@
+"""Model loading, chat formatting with exact token spans, and the Hugging Face attention integration."""

@@ -1,0 +1,1 @@
+"""Training losses and recipes (DA, PRESTO, token-wise constrained, [CLS]) and the trainer."""

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Install deepalign (editable) with its test tools into the current Python environment.
+#
+# PyTorch is installed first and only when missing, so that pip never swaps an existing build:
+#   * with an NVIDIA GPU visible (nvidia-smi), torch comes from the default index;
+#   * otherwise the CPU build torch==2.13.0 is installed. Set TORCH_INDEX_URL to a CPU wheel index
+#     if your pip would otherwise take a CUDA build of that version (our CI machines carry the
+#     CPU wheel locally, and pip's find-links picks it up).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+pip_install() { "$PYTHON" -m pip install --quiet --disable-pip-version-check "$@"; }
+
+if ! "$PYTHON" -c "import torch" >/dev/null 2>&1; then
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+    pip_install "torch>=2.11"
+  elif [ -n "${TORCH_INDEX_URL:-}" ]; then
+    pip_install "torch==2.13.0" --index-url "$TORCH_INDEX_URL"
+  else
+    pip_install "torch==2.13.0"
+  fi
+fi
+pip_install -e ".[test]"
+"$PYTHON" -c "import torch, triton, deepalign; print(f'deepalign {deepalign.__version__}: torch {torch.__version__}, triton {triton.__version__}')"

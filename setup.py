@@ -1,0 +1,29 @@
+"""Packaging for deepalign. Install with ``pip install -e .[test]`` (see README for torch on CPU)."""
+
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+setup(
+    name="deepalign",
+    version="0.1.0",
+    description="Deep safety alignment research on chat language models: fused Triton kernels, "
+    "training recipes, attacks, judges and TransformerLens analysis.",
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["deepalign", "deepalign.*"]),
+    install_requires=[
+        # torch 2.11 + triton 3.6 (a common GPU stack) through torch 2.13 (CPU build) + triton 3.9.
+        "torch>=2.11",
+        "triton>=3.6,<3.10; platform_system == 'Linux'",
+        "einops>=0.7",
+        "numpy>=1.24",
+        "plotly>=5.20",
+        "tqdm>=4.66",
+    ],
+    extras_require={
+        "test": ["pytest>=7.4", "hypothesis>=6.100"],
+    },
+    entry_points={"console_scripts": ["deepalign = deepalign.cli:main"]},
+)
