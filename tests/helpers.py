@@ -24,3 +24,38 @@ def oracle_topk_rank(logits: torch.Tensor, k: int, targets: torch.Tensor | None)
         out["target_rank"] = (greater + tied_before).reshape(targets.shape)
         out["target_logprob"] = logprob.reshape(targets.shape)
     return out
+
+
+def plain_prefill_attention(q, k, v, prefill_mask, *, causal=True, scale=None, key_padding_mask=None,
+                            window=None, softcap=None, dtype=None):
+    """Materialised attention written from the definition, computed in ``dtype`` (default: q's).
+
+    With ``dtype=torch.float64`` it is the oracle; in the inputs' own dtype it is "plain PyTorch in
+    the same precision", whose error the FlashAttention recipe uses as the yardstick. Returns
+    ``(out, mass)``, differentiable.
+    """
+    dtype = dtype or q.dtype
+    batch, heads_q, num_queries, dim = q.shape
+    heads_kv, num_keys = k.shape[1], k.shape[2]
+    group = heads_q // heads_kv
+    scale = scale if scale is not None else dim ** -0.5
+    qd, kd, vd = (t.to(dtype) for t in (q, k, v))
+    kd, vd = kd.repeat_interleave(group, dim=1), vd.repeat_interleave(group, dim=1)
+    scores = (qd @ kd.transpose(-1, -2)) * scale
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
+    i = torch.arange(num_queries, device=q.device)[:, None] + (num_keys - num_queries)
+    j = torch.arange(num_keys, device=q.device)[None, :]
+    visible = torch.ones(num_queries, num_keys, dtype=torch.bool, device=q.device)
+    if causal:
+        visible &= j <= i
+    if window is not None:
+        visible &= j > i - window
+    visible = visible[None, None].expand(batch, heads_q, num_queries, num_keys)
+    if key_padding_mask is not None:
+        visible = visible & key_padding_mask[:, None, None, :]
+    scores = scores.masked_fill(~visible, float("-inf"))
+    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # rows with no visible key: all zero
+    out = probs @ vd
+    mass = (probs * prefill_mask[:, None, None, :].to(dtype)).sum(-1)
+    return out, mass

@@ -39,7 +39,7 @@ from typing import Callable, Literal
 import torch
 
 from deepalign.kernels import TopKRank, topk_rank, topk_rank_chunked
-from deepalign.kernels.topk_rank import concat_results, flatten_targets
+from deepalign.kernels.ranking import concat_results, flatten_targets
 from deepalign.kernels._dispatch import Backend
 
 WeightSpec = Literal["reciprocal", "uniform"] | torch.Tensor | None

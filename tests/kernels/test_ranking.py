@@ -8,9 +8,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from deepalign.kernels import NonFiniteLogitsError, topk_rank, topk_rank_chunked
-from deepalign.kernels import topk_rank_triton as triton_module
+from deepalign.kernels import ranking_triton as triton_module
 from deepalign.kernels._dispatch import resolve_backend
-from deepalign.kernels.topk_rank_triton import topk_rank_triton
+from deepalign.kernels.ranking_triton import topk_rank_triton
 from tests.helpers import DEVICE, oracle_topk_rank
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]

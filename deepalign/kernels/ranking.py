@@ -82,7 +82,7 @@ def topk_rank(
     if targets is not None:
         target_matrix = targets.reshape(logits.shape[0], -1).to(torch.int64).contiguous()
     if impl == "triton":
-        from deepalign.kernels.topk_rank_triton import topk_rank_triton
+        from deepalign.kernels.ranking_triton import topk_rank_triton
 
         values, indices, lse, rank, logprob, bad_rows = topk_rank_triton(logits, k, target_matrix)
     else:
