@@ -21,6 +21,8 @@ setup(
         "numpy>=1.24",
         "plotly>=5.20",
         "tqdm>=4.66",
+        # Hugging Face integration (deepalign.models); the kernels never import it.
+        "transformers>=5.0,<6",
     ],
     extras_require={
         "test": ["pytest>=7.4", "hypothesis>=6.100"],
