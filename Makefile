@@ -16,3 +16,4 @@ test: install
 
 bench: install
 	$(PYTHON) -m benchmarks.topk_rank
+	$(PYTHON) -m benchmarks.prefill_attention

@@ -151,22 +151,21 @@ def visible_keys(spec: AttentionMask, query_pos: torch.Tensor, key_pos: torch.Te
 
 def _reference_chunk(q_chunk, k, v, prefill, key_padding_mask, spec, start, num_queries):
     """Out and mass for queries ``start … start + C`` in float32. ``q_chunk [B, Hkv, G, C, D]``,
-    ``k, v [B, Hkv, Tk, D]``."""
+    ``k, v [B, Hkv, Tk, D]``; returns ``[B, Hkv, G, C, D]`` and ``[B, Hkv, G, C]``."""
     batch, heads_kv, group, chunk, dim = q_chunk.shape
     num_keys = k.shape[2]
-    scores = torch.einsum("bhgcd,bhkd->bhgck", q_chunk.float(), k.float()) * spec.scale
+    flat_q = q_chunk.float().reshape(batch, heads_kv, group * chunk, dim)
+    scores = (flat_q @ k.float().transpose(-1, -2)).reshape(batch, heads_kv, group, chunk, num_keys) * spec.scale
     if spec.softcap is not None:
         scores = spec.softcap * torch.tanh(scores / spec.softcap)
     query_pos = torch.arange(start, start + chunk, device=q_chunk.device)
     key_pos = torch.arange(num_keys, device=q_chunk.device)
     visible = visible_keys(spec, query_pos, key_pos, num_queries, num_keys, key_padding_mask)[:, :, None]
     scores = scores.masked_fill(~visible, float("-inf"))
-    row_max = scores.amax(dim=-1, keepdim=True)
-    row_max = torch.where(torch.isneginf(row_max), 0.0, row_max)
-    weights = torch.exp(scores - row_max)
-    total = weights.sum(dim=-1, keepdim=True)
-    probs = weights / torch.where(total > 0, total, 1.0)
-    out = torch.einsum("bhgck,bhkd->bhgcd", probs, v.float())
+    # A row with no visible key is NaN after softmax; `where` replaces it by zeros, and its NaN
+    # gradient ends at masked_fill, which gives masked scores a zero gradient.
+    probs = torch.where(visible.any(dim=-1, keepdim=True), torch.softmax(scores, dim=-1), 0.0)
+    out = (probs.reshape(batch, heads_kv, group * chunk, num_keys) @ v.float()).reshape(q_chunk.shape)
     mass = (probs * prefill[:, None, None, None, :]).sum(dim=-1)
     return out, mass
 
@@ -179,22 +178,29 @@ def prefill_attention_reference(
     key_padding_mask: torch.Tensor | None,
     spec: AttentionMask,
     *,
-    chunk_size: int = 128,
+    chunk_size: int | None = None,
+    max_chunk_scores: int = 1 << 22,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """PyTorch implementation (the CPU path), float32 inside, ``chunk_size`` queries at a time.
 
-    Under autograd each chunk is checkpointed, so backward recomputes it instead of keeping its
-    ``[chunk, Tk]`` probabilities: peak memory is one chunk's scores per head, never ``[Tq, Tk]``.
+    By default the chunk holds as many queries as keep one chunk's scores (``B · Hq · C · Tk``
+    floats) within ``max_chunk_scores`` (16 MiB), at least 16. When there is more than one chunk
+    and autograd is recording, each chunk is checkpointed, so backward recomputes it instead of
+    keeping its probabilities: peak memory stays at one chunk's scores, never ``[Tq, Tk]`` per head.
     """
     batch, heads_q, num_queries, dim = q.shape
     heads_kv = k.shape[1]
+    if chunk_size is None:
+        chunk_size = max(16, max_chunk_scores // max(1, batch * heads_q * k.shape[2]))
+    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    recompute = needs_grad and num_queries > chunk_size
     grouped = q.reshape(batch, heads_kv, heads_q // heads_kv, num_queries, dim)
     prefill = prefill_mask.to(torch.float32)
     outs, masses = [], []
     for start in range(0, num_queries, chunk_size):
         q_chunk = grouped[:, :, :, start:start + chunk_size]
         args = (q_chunk, k, v, prefill, key_padding_mask, spec, start, num_queries)
-        if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        if recompute:
             out, mass = checkpoint(_reference_chunk, *args, use_reentrant=False)
         else:
             out, mass = _reference_chunk(*args)
