@@ -150,12 +150,14 @@ def visible_keys(spec: AttentionMask, query_pos: torch.Tensor, key_pos: torch.Te
 
 
 def _reference_chunk(q_chunk, k, v, prefill, key_padding_mask, spec, start, num_queries):
-    """Out and mass for queries ``start … start + C`` in float32. ``q_chunk [B, Hkv, G, C, D]``,
-    ``k, v [B, Hkv, Tk, D]``; returns ``[B, Hkv, G, C, D]`` and ``[B, Hkv, G, C]``."""
+    """Out and mass for queries ``start … start + C`` in ``prefill``'s dtype (float32, or float64
+    for float64 inputs). ``q_chunk [B, Hkv, G, C, D]``, ``k, v [B, Hkv, Tk, D]``; returns
+    ``[B, Hkv, G, C, D]`` and ``[B, Hkv, G, C]``."""
     batch, heads_kv, group, chunk, dim = q_chunk.shape
     num_keys = k.shape[2]
-    flat_q = q_chunk.float().reshape(batch, heads_kv, group * chunk, dim)
-    scores = (flat_q @ k.float().transpose(-1, -2)).reshape(batch, heads_kv, group, chunk, num_keys) * spec.scale
+    compute = prefill.dtype
+    flat_q = q_chunk.to(compute).reshape(batch, heads_kv, group * chunk, dim)
+    scores = (flat_q @ k.to(compute).transpose(-1, -2)).reshape(batch, heads_kv, group, chunk, num_keys) * spec.scale
     if spec.softcap is not None:
         scores = spec.softcap * torch.tanh(scores / spec.softcap)
     query_pos = torch.arange(start, start + chunk, device=q_chunk.device)
@@ -165,7 +167,7 @@ def _reference_chunk(q_chunk, k, v, prefill, key_padding_mask, spec, start, num_
     # A row with no visible key is NaN after softmax; `where` replaces it by zeros, and its NaN
     # gradient ends at masked_fill, which gives masked scores a zero gradient.
     probs = torch.where(visible.any(dim=-1, keepdim=True), torch.softmax(scores, dim=-1), 0.0)
-    out = (probs.reshape(batch, heads_kv, group * chunk, num_keys) @ v.float()).reshape(q_chunk.shape)
+    out = (probs.reshape(batch, heads_kv, group * chunk, num_keys) @ v.to(compute)).reshape(q_chunk.shape)
     mass = (probs * prefill[:, None, None, None, :]).sum(dim=-1)
     return out, mass
 
@@ -181,7 +183,9 @@ def prefill_attention_reference(
     chunk_size: int | None = None,
     max_chunk_scores: int = 1 << 22,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """PyTorch implementation (the CPU path), float32 inside, ``chunk_size`` queries at a time.
+    """PyTorch implementation (the CPU path), float32 inside (float64 for float64 inputs, which
+    the public function does not accept but tests and self-checks use as an oracle), ``chunk_size``
+    queries at a time.
 
     By default the chunk holds as many queries as keep one chunk's scores (``B · Hq · C · Tk``
     floats) within ``max_chunk_scores`` (16 MiB), at least 16. When there is more than one chunk
@@ -195,7 +199,7 @@ def prefill_attention_reference(
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     recompute = needs_grad and num_queries > chunk_size
     grouped = q.reshape(batch, heads_kv, heads_q // heads_kv, num_queries, dim)
-    prefill = prefill_mask.to(torch.float32)
+    prefill = prefill_mask.to(torch.float64 if q.dtype == torch.float64 else torch.float32)
     outs, masses = [], []
     for start in range(0, num_queries, chunk_size):
         q_chunk = grouped[:, :, :, start:start + chunk_size]
@@ -209,5 +213,6 @@ def prefill_attention_reference(
     if not outs:
         return q.new_zeros(q.shape), q.new_zeros((batch, heads_q, 0), dtype=torch.float32)
     out = torch.cat(outs, dim=3).reshape(batch, heads_q, num_queries, dim).to(q.dtype)
-    mass = torch.cat(masses, dim=3).reshape(batch, heads_q, num_queries)
+    mass = torch.cat(masses, dim=3).reshape(batch, heads_q, num_queries).to(torch.float32 if q.dtype != torch.float64
+                                                                           else torch.float64)
     return out, mass
