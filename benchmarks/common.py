@@ -62,3 +62,17 @@ def append_rows(kernel: str, rows: list[dict]) -> Path:
         for row in rows:
             handle.write(json.dumps({"kernel": kernel, **row, **stamp}) + "\n")
     return path
+
+
+def bench_main(kernel: str, doc: str, run: Callable[[bool], list[dict]]) -> None:
+    """Command line shared by the benchmarks: ``--quick`` for a few shapes, ``--no-save`` to only
+    print; otherwise the rows are appended to ``results/<kernel>.jsonl``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a few shapes only")
+    parser.add_argument("--no-save", action="store_true", help="print, do not append rows to results/")
+    args = parser.parse_args()
+    rows = run(args.quick)
+    if not args.no_save:
+        print(f"rows appended to {append_rows(kernel, rows)}")

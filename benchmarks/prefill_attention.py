@@ -23,14 +23,13 @@ Targets (H100, benchmark not test): fwd+bwd ≥ 0.9× SDPA-flash throughput at T
 
 from __future__ import annotations
 
-import argparse
 import math
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import append_rows, device_name, median_ms
+from benchmarks.common import bench_main, device_name, median_ms
 from deepalign.kernels import prefill_attention
 
 
@@ -160,13 +159,7 @@ def run(quick: bool) -> list[dict]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="a couple of shapes only")
-    parser.add_argument("--no-save", action="store_true", help="print, do not append rows to results/")
-    args = parser.parse_args()
-    rows = run(args.quick)
-    if not args.no_save:
-        print(f"rows appended to {append_rows('prefill_attention', rows)}")
+    bench_main("prefill_attention", __doc__, run)
 
 
 if __name__ == "__main__":

@@ -17,11 +17,9 @@ V ≥ 128k, ≥ 3× faster than the composition and ≥ 70% of copy bandwidth.
 
 from __future__ import annotations
 
-import argparse
-
 import torch
 
-from benchmarks.common import append_rows, copy_bandwidth_gbps, device_name, median_ms
+from benchmarks.common import bench_main, copy_bandwidth_gbps, device_name, median_ms
 from deepalign.kernels import topk_rank
 
 
@@ -77,13 +75,7 @@ def run(quick: bool) -> list[dict]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="a few shapes only")
-    parser.add_argument("--no-save", action="store_true", help="print, do not append rows to results/")
-    args = parser.parse_args()
-    rows = run(args.quick)
-    if not args.no_save:
-        print(f"rows appended to {append_rows('topk_rank', rows)}")
+    bench_main("topk_rank", __doc__, run)
 
 
 if __name__ == "__main__":

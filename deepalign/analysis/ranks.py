@@ -38,8 +38,8 @@ from typing import Callable, Literal
 
 import torch
 
-from deepalign.kernels import TopKRank, topk_rank, topk_rank_chunked
-from deepalign.kernels.ranking import concat_results, flatten_targets
+from deepalign.kernels import TopKRank, topk_rank_chunked
+from deepalign.kernels.ranking import topk_rank_rowwise
 from deepalign.kernels._dispatch import Backend
 
 WeightSpec = Literal["reciprocal", "uniform"] | torch.Tensor | None
@@ -168,11 +168,10 @@ def target_ranks_from_hidden(
     """
     lead = hidden.shape[:-1]
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])
-    flat_targets = flatten_targets(targets, lead)
-    pieces = []
-    for start in range(0, flat_hidden.shape[0], chunk_rows):
-        rows = slice(start, start + chunk_rows)
+
+    def logits_of_rows(rows: slice) -> torch.Tensor:
         with torch.no_grad():
-            chunk_logits = unembed(flat_hidden[rows])
-        pieces.append(topk_rank(chunk_logits, k, flat_targets[rows], backend=backend))
-    return concat_results(pieces, lead, targets.shape)
+            return unembed(flat_hidden[rows])
+
+    return topk_rank_rowwise(logits_of_rows, flat_hidden.shape[0], k, targets, lead, chunk_rows=chunk_rows,
+                             backend=backend)

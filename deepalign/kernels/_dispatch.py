@@ -58,3 +58,18 @@ def check_same_device(**tensors: torch.Tensor | None) -> torch.device:
         where = ", ".join(f"{name} on {t.device}" for name, t in present.items())
         raise ValueError(f"all tensors must be on one device; got {where}")
     return next(iter(devices))
+
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def check_float_tensor(name: str, tensor: object, dims: int, layout: str) -> torch.Tensor:
+    """Check that argument ``name`` is a float16/bfloat16/float32 tensor with ``dims`` dimensions
+    (``layout`` names them in the message, e.g. ``"[N, V]"``) and return it."""
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+    if tensor.dim() != dims:
+        raise ValueError(f"{name} must have shape {layout} ({dims} dimensions), got {tuple(tensor.shape)}")
+    if tensor.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float16, bfloat16 or float32, got {tensor.dtype}")
+    return tensor

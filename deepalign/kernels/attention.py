@@ -32,9 +32,8 @@ from typing import NamedTuple
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from deepalign.kernels._dispatch import Backend, check_same_device, resolve_backend
+from deepalign.kernels._dispatch import Backend, check_float_tensor, check_same_device, resolve_backend
 
-INPUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MIN_HEAD_DIM, MAX_HEAD_DIM = 32, 256
 
 
@@ -88,12 +87,7 @@ def prefill_attention(
 
 def _validate(q, k, v, prefill_mask, causal, softmax_scale, key_padding_mask, window, softcap) -> AttentionMask:
     for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 4:
-            raise ValueError(f"{name} must have 4 dimensions [B, H, T, D], got shape {tuple(t.shape)}")
-        if t.dtype not in INPUT_DTYPES:
-            raise TypeError(f"{name} must be float16, bfloat16 or float32, got {t.dtype}")
+        check_float_tensor(name, t, 4, "[B, H, T, D]")
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"q, k and v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     batch, heads_q, _, dim = q.shape

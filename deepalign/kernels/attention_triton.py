@@ -79,6 +79,34 @@ def _key_range(start_m, num_queries, num_keys, window,
 
 
 @triton.jit
+def _load_tile(base, rows, stride, limit, offs_d, d_ok):
+    """Rows ``rows`` (``< limit``) of a ``[T, D]`` matrix at ``base`` with row stride ``stride``,
+    zero-filled outside; ``[len(rows), BLOCK_D]``."""
+    return tl.load(base + rows[:, None] * stride + offs_d[None, :], mask=(rows < limit)[:, None] & d_ok[None, :],
+                   other=0.0)
+
+
+@triton.jit
+def _query_program(heads_q, group, BLOCK_M: tl.constexpr):
+    """Indices of a query-block program: ``(start_m, bh, b, h, hk)``."""
+    start_m = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1)
+    h = bh % heads_q
+    return start_m, bh, bh // heads_q, h, h // group
+
+
+@triton.jit
+def _score_gradient(p, s, do, v, g, prefill, delta, softcap, HAS_SOFTCAP: tl.constexpr, PRECISION: tl.constexpr):
+    """``dS`` for one tile: ``P ∘ (dO Vᵀ + g mᵀ − Δ)``, times ``1 − tanh²`` under a softcap."""
+    dp = tl.dot(do, tl.trans(v), input_precision=PRECISION) + g[:, None] * prefill[None, :]
+    ds = p * (dp - delta[:, None])
+    if HAS_SOFTCAP:
+        capped = s / softcap
+        ds = ds * (1.0 - capped * capped)
+    return ds
+
+
+@triton.jit
 def _fwd_kernel(
     Q, K, V, PREFILL, KPAD, OUT, MASS, LSE,
     stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
@@ -87,19 +115,14 @@ def _fwd_kernel(
     CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    start_m = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1)
-    b = bh // heads_q
-    h = bh % heads_q
-    hk = h // group
+    start_m, bh, b, h, hk = _query_program(heads_q, group, BLOCK_M)
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < head_dim
     row_ok = offs_m < num_queries
-
-    q_ptrs = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :]
-    q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    q = _load_tile(Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh, offs_m, stride_qt, num_queries,
+                   offs_d, d_ok)
     k_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
     v_base = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
     prefill_row = PREFILL + b.to(tl.int64) * num_keys
@@ -114,8 +137,8 @@ def _fwd_kernel(
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
         col_ok = cols < num_keys
-        k = tl.load(k_base + cols[:, None] * stride_kt + offs_d[None, :], mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-        v = tl.load(v_base + cols[:, None] * stride_vt + offs_d[None, :], mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+        k = _load_tile(k_base, cols, stride_kt, num_keys, offs_d, d_ok)
+        v = _load_tile(v_base, cols, stride_vt, num_keys, offs_d, d_ok)
         s, visible = _scores(q, k, offs_m, cols, kpad_row, scale, softcap, window, num_queries, num_keys,
                              CAUSAL, HAS_PAD, HAS_WINDOW, HAS_SOFTCAP, PRECISION)
         s = tl.where(visible, s, float("-inf"))
@@ -159,10 +182,8 @@ def _dkdv_kernel(
     d_ok = offs_d < head_dim
     col_ok = cols < num_keys
     kv_mask = col_ok[:, None] & d_ok[None, :]
-    k = tl.load(K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh + cols[:, None] * stride_kt + offs_d[None, :],
-                mask=kv_mask, other=0.0)
-    v = tl.load(V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh + cols[:, None] * stride_vt + offs_d[None, :],
-                mask=kv_mask, other=0.0)
+    k = _load_tile(K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh, cols, stride_kt, num_keys, offs_d, d_ok)
+    v = _load_tile(V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh, cols, stride_vt, num_keys, offs_d, d_ok)
     prefill = tl.load(PREFILL + b.to(tl.int64) * num_keys + cols, mask=col_ok, other=0).to(tl.float32)
     kpad_row = KPAD + b.to(tl.int64) * num_keys
     dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
@@ -186,8 +207,8 @@ def _dkdv_kernel(
         for start_m in range(m_lo, m_hi, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
             row_ok = offs_m < num_queries
-            q = tl.load(q_base + offs_m[:, None] * stride_qt + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-            do = tl.load(do_base + offs_m[:, None] * stride_dot + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+            q = _load_tile(q_base, offs_m, stride_qt, num_queries, offs_d, d_ok)
+            do = _load_tile(do_base, offs_m, stride_dot, num_queries, offs_d, d_ok)
             row_index = bh.to(tl.int64) * num_queries + offs_m
             lse = tl.load(LSE + row_index, mask=row_ok, other=0.0)
             delta = tl.load(DELTA + row_index, mask=row_ok, other=0.0)
@@ -196,11 +217,7 @@ def _dkdv_kernel(
                                  CAUSAL, HAS_PAD, HAS_WINDOW, HAS_SOFTCAP, PRECISION)
             p = tl.where(visible, tl.exp(s - lse[:, None]), 0.0)
             dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
-            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION) + g[:, None] * prefill[None, :]
-            ds = p * (dp - delta[:, None])
-            if HAS_SOFTCAP:
-                capped = s / softcap
-                ds = ds * (1.0 - capped * capped)
+            ds = _score_gradient(p, s, do, v, g, prefill, delta, softcap, HAS_SOFTCAP, PRECISION)
             dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
 
     out_offsets = bhk.to(tl.int64) * num_keys * head_dim + cols[:, None] * head_dim + offs_d[None, :]
@@ -217,21 +234,17 @@ def _dq_kernel(
     CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    start_m = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1)
-    b = bh // heads_q
-    h = bh % heads_q
-    hk = h // group
+    start_m, bh, b, h, hk = _query_program(heads_q, group, BLOCK_M)
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < head_dim
     row_ok = offs_m < num_queries
     row_mask = row_ok[:, None] & d_ok[None, :]
-    q = tl.load(Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :],
-                mask=row_mask, other=0.0)
-    do = tl.load(DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh + offs_m[:, None] * stride_dot
-                 + offs_d[None, :], mask=row_mask, other=0.0)
+    q = _load_tile(Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh, offs_m, stride_qt, num_queries,
+                   offs_d, d_ok)
+    do = _load_tile(DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh, offs_m, stride_dot, num_queries,
+                    offs_d, d_ok)
     row_index = bh.to(tl.int64) * num_queries + offs_m
     lse = tl.load(LSE + row_index, mask=row_ok, other=0.0)
     delta = tl.load(DELTA + row_index, mask=row_ok, other=0.0)
@@ -252,11 +265,7 @@ def _dq_kernel(
         s, visible = _scores(q, k, offs_m, cols, kpad_row, scale, softcap, window, num_queries, num_keys,
                              CAUSAL, HAS_PAD, HAS_WINDOW, HAS_SOFTCAP, PRECISION)
         p = tl.where(visible, tl.exp(s - lse[:, None]), 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION) + g[:, None] * prefill[None, :]
-        ds = p * (dp - delta[:, None])
-        if HAS_SOFTCAP:
-            capped = s / softcap
-            ds = ds * (1.0 - capped * capped)
+        ds = _score_gradient(p, s, do, v, g, prefill, delta, softcap, HAS_SOFTCAP, PRECISION)
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
 
     tl.store(DQ + bh.to(tl.int64) * num_queries * head_dim + offs_m[:, None] * head_dim + offs_d[None, :],

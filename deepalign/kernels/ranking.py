@@ -24,14 +24,13 @@ applies the same order directly on the values, which is faster on a CPU.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 
-from deepalign.kernels._dispatch import Backend, check_same_device, resolve_backend
+from deepalign.kernels._dispatch import Backend, check_float_tensor, check_same_device, resolve_backend
 
 MAX_K = 64
-LOGIT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 class TopKRank(NamedTuple):
@@ -108,23 +107,39 @@ def topk_rank_chunked(
     memory beyond the outputs is bounded by one chunk (e.g. ``[B, T, V]`` logits of a batch of
     sequences never get a float32 or key copy of their own).
     """
-    if not isinstance(chunk_rows, int) or chunk_rows < 1:
-        raise ValueError(f"chunk_rows must be a positive int, got {chunk_rows!r}")
     if not isinstance(logits, torch.Tensor) or logits.dim() < 1:
         raise ValueError("logits must be a tensor [..., V] with at least one dimension")
     lead = logits.shape[:-1]
     flat = logits.reshape(-1, logits.shape[-1])
+    return topk_rank_rowwise(lambda rows: flat[rows], flat.shape[0], k, targets, lead,
+                             chunk_rows=chunk_rows, backend=backend)
+
+
+def topk_rank_rowwise(
+    logits_of_rows: Callable[[slice], torch.Tensor],
+    num_rows: int,
+    k: int,
+    targets: torch.Tensor | None,
+    lead: torch.Size,
+    *,
+    chunk_rows: int,
+    backend: Backend = "auto",
+) -> TopKRank:
+    """:func:`topk_rank` over ``num_rows`` rows whose logits ``logits_of_rows(rows) -> [n, V]``
+    produces one slice of rows at a time (from a tensor, or computed on the fly from hidden
+    states); results are shaped by the leading shape ``lead`` and by ``targets`` (``lead`` or
+    ``lead + (M,)``). A NaN/+inf row is reported by its position in ``lead``."""
+    if isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1:
+        raise ValueError(f"chunk_rows must be a positive int, got {chunk_rows!r}")
     flat_targets = flatten_targets(targets, lead)
     pieces = []
-    for start in range(0, flat.shape[0], chunk_rows):
+    for start in range(0, max(num_rows, 1), chunk_rows):
         rows = slice(start, start + chunk_rows)
         chunk_targets = None if flat_targets is None else flat_targets[rows]
         try:
-            pieces.append(topk_rank(flat[rows], k, chunk_targets, backend=backend))
+            pieces.append(topk_rank(logits_of_rows(rows), k, chunk_targets, backend=backend))
         except NonFiniteLogitsError as error:
             raise _locate_bad_row(error.row + start, lead) from None
-    if not pieces:
-        pieces.append(topk_rank(flat, k, flat_targets, backend=backend))
     return concat_results(pieces, lead, None if targets is None else targets.shape)
 
 
@@ -185,12 +200,7 @@ def _locate_bad_row(flat_row: int, lead: torch.Size) -> ValueError:
 
 def _validate(logits: torch.Tensor, k: int, targets: torch.Tensor | None) -> bool:
     """Check arguments; return True when targets is 1-D (results are squeezed back to ``[N]``)."""
-    if not isinstance(logits, torch.Tensor):
-        raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
-    if logits.dim() != 2:
-        raise ValueError(f"logits must have shape [N, V] (2 dimensions), got {tuple(logits.shape)}")
-    if logits.dtype not in LOGIT_DTYPES:
-        raise TypeError(f"logits must be float16, bfloat16 or float32, got {logits.dtype}")
+    check_float_tensor("logits", logits, 2, "[N, V]")
     n_rows, vocab = logits.shape
     if vocab == 0:
         raise ValueError("logits has an empty vocabulary dimension (V = 0)")

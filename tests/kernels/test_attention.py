@@ -212,7 +212,7 @@ def test_reference_never_builds_the_full_score_matrix(monkeypatch):
 @pytest.mark.parametrize(
     "change, error, message",
     [
-        (dict(q=torch.randn(2, 4, 8)), ValueError, r"q must have 4 dimensions \[B, H, T, D\]"),
+        (dict(q=torch.randn(2, 4, 8)), ValueError, r"q must have shape \[B, H, T, D\] \(4 dimensions\)"),
         (dict(k=torch.randn(2, 3, 8, 32), v=torch.randn(2, 3, 8, 32)), ValueError, r"query heads \(4\) must be a multiple of the number of key/value heads \(3\)"),
         (dict(v=torch.randn(2, 2, 9, 32)), ValueError, "k and v must have the same shape"),
         (dict(k=torch.randn(3, 2, 8, 32), v=torch.randn(3, 2, 8, 32)), ValueError, "k has batch size 3 but q has 2"),
