@@ -37,11 +37,13 @@ class UtilityExample:
 
 @dataclass(frozen=True)
 class TrainingItem:
-    """A rendered example: its spans and the bool ``[T]`` loss mask over target tokens."""
+    """A rendered example: its spans, the bool ``[T]`` loss mask over target tokens, the prefill
+    length and, where a recipe needs it, the index of the data row it came from."""
 
     spans: ChatSpans
     loss_mask: torch.Tensor
     prefill_length: int
+    source: int = -1
 
 
 class SafetyRecoveryAugmenter:
@@ -73,6 +75,6 @@ class SafetyRecoveryAugmenter:
                             system=self.system)
         return TrainingItem(spans, spans.mask("response", "end"), k)
 
-    def utility(self, example: UtilityExample) -> TrainingItem:
+    def utility(self, example: UtilityExample, source: int = -1) -> TrainingItem:
         spans = render_chat(self.tokenizer, example.prompt, response=example.response, system=self.system)
-        return TrainingItem(spans, spans.mask("response", "end"), 0)
+        return TrainingItem(spans, spans.mask("response", "end"), 0, source)

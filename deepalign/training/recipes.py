@@ -1,0 +1,166 @@
+"""Training recipes: what a step samples and which loss terms it computes.
+
+A recipe has ``sample(rng, batch_size) -> list[TrainingItem]`` and
+``loss_terms(model, batch) -> {"loss": …, <term>: …}``, where ``batch`` is
+:func:`deepalign.models.chat.collate` of the items plus their stacked ``loss_mask``. Every loss
+is a mean over the supervised tokens of the (micro-)batch.
+
+* ``sft``: supervised fine-tuning on chat rows (e.g. refusal-only SFT, the shallow alignment).
+* ``da``: safety-recovery data augmentation plus the utility anchor (Qi et al.).
+* ``presto``: ``da`` + PRESTO's attention penalty from the fused kernel's mass (Vega & Singh),
+  weight 1 by default, on the augmented examples, normalised per supervised token.
+* ``constrained``: the token-wise constrained objective on chat rows against a frozen reference
+  model whose log-probabilities are computed once, before training, in a no-grad pass (or
+  online with ``cache_reference=False``).
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from deepalign.models.attention import ATTENTION_NAME, collect_prefill_mass
+from deepalign.models.chat import collate
+from deepalign.training.augmentation import SafetyExample, SafetyRecoveryAugmenter, TrainingItem, UtilityExample
+from deepalign.training.losses import (
+    constrained_token_loss,
+    presto_penalty,
+    presto_query_mask,
+    target_logprobs,
+    token_nll,
+)
+
+RECIPES = ("sft", "da", "presto", "constrained")
+
+
+def make_batch(items: Sequence[TrainingItem], pad_id: int) -> dict[str, torch.Tensor]:
+    """Collate items (left padding) and add their ``loss_mask`` ``[B, T]`` and ``source`` ``[B]``."""
+    batch = collate([item.spans for item in items], pad_id)
+    length = batch["input_ids"].shape[1]
+    batch["loss_mask"] = torch.stack([torch.nn.functional.pad(item.loss_mask, (length - len(item.loss_mask), 0))
+                                      for item in items])
+    batch["source"] = torch.tensor([item.source for item in items])
+    return batch
+
+
+def _model_inputs(model, batch):
+    device = next(model.parameters()).device
+    return batch["input_ids"].to(device), batch["attention_mask"].to(device), batch["loss_mask"].to(device)
+
+
+class SFTRecipe:
+    """Supervised fine-tuning: loss on the response and end-of-turn tokens of chat rows."""
+
+    name = "sft"
+
+    def __init__(self, tokenizer, rows: Sequence[UtilityExample], *, system: str | None = None):
+        if not rows:
+            raise ValueError("sft needs at least one chat row")
+        self.rows = list(rows)
+        self.augmenter = SafetyRecoveryAugmenter(tokenizer, system=system)
+
+    def sample(self, rng: random.Random, batch_size: int) -> list[TrainingItem]:
+        return [self.augmenter.utility(self.rows[rng.randrange(len(self.rows))]) for _ in range(batch_size)]
+
+    def loss_terms(self, model, batch) -> dict[str, torch.Tensor]:
+        ids, attention, loss_mask = _model_inputs(model, batch)
+        nll, count = token_nll(model(ids, attention_mask=attention).logits, ids, loss_mask)
+        loss = nll / max(count, 1)
+        return {"loss": loss, "nll": loss.detach()}
+
+
+class DARecipe:
+    """Safety-recovery augmentation with the utility anchor; with ``presto_weight > 0``, PRESTO.
+
+    Each batch holds ``round(batch_size · safety_fraction)`` safety examples (drawn with
+    replacement, augmented afresh) and utility examples for the rest."""
+
+    def __init__(self, tokenizer, safety: Sequence[SafetyExample], utility: Sequence[UtilityExample], *,
+                 safety_fraction: float = 0.5, presto_weight: float = 0.0, augment_probability: float = 0.5,
+                 max_prefill: int = 100, system: str | None = None):
+        if not safety:
+            raise ValueError("da/presto need at least one safety row")
+        if not utility and safety_fraction < 1.0:
+            raise ValueError("da/presto need utility rows unless safety_fraction is 1")
+        if not 0.0 < safety_fraction <= 1.0:
+            raise ValueError(f"safety_fraction must be in (0, 1], got {safety_fraction}")
+        if presto_weight < 0:
+            raise ValueError(f"presto_weight must be non-negative, got {presto_weight}")
+        self.name = "presto" if presto_weight > 0 else "da"
+        self.safety, self.utility = list(safety), list(utility)
+        self.safety_fraction = safety_fraction
+        self.presto_weight = presto_weight
+        self.augmenter = SafetyRecoveryAugmenter(tokenizer, augment_probability=augment_probability,
+                                                 max_prefill=max_prefill, system=system)
+
+    def sample(self, rng: random.Random, batch_size: int) -> list[TrainingItem]:
+        n_safety = max(1, round(batch_size * self.safety_fraction))
+        items = [self.augmenter.safety(self.safety[rng.randrange(len(self.safety))], rng) for _ in range(n_safety)]
+        items += [self.augmenter.utility(self.utility[rng.randrange(len(self.utility))])
+                  for _ in range(batch_size - n_safety)]
+        return items
+
+    def loss_terms(self, model, batch) -> dict[str, torch.Tensor]:
+        ids, attention, loss_mask = _model_inputs(model, batch)
+        if self.presto_weight == 0:
+            logits = model(ids, attention_mask=attention).logits
+            nll, count = token_nll(logits, ids, loss_mask)
+            return {"loss": nll / max(count, 1), "nll": (nll / max(count, 1)).detach()}
+        if getattr(model.config, "_attn_implementation", None) != ATTENTION_NAME:
+            raise ValueError(f"presto needs the model loaded with attn_implementation={ATTENTION_NAME!r} "
+                             f"(got {model.config._attn_implementation!r})")
+        prefill = batch["prefill_mask"].to(ids.device)
+        with collect_prefill_mass(prefill) as collected:
+            logits = model(ids, attention_mask=attention).logits
+        nll, count = token_nll(logits, ids, loss_mask)
+        penalty = presto_penalty(collected.stacked(), presto_query_mask(prefill, attention))
+        denominator = max(count, 1)
+        loss = (nll + self.presto_weight * penalty) / denominator
+        return {"loss": loss, "nll": (nll / denominator).detach(), "presto": (penalty / denominator).detach()}
+
+
+class ConstrainedRecipe:
+    """Token-wise constrained fine-tuning on chat rows against a frozen reference model."""
+
+    name = "constrained"
+
+    def __init__(self, tokenizer, rows: Sequence[UtilityExample], reference_model, *, cache_reference: bool = True,
+                 system: str | None = None, progress: bool = True):
+        if not rows:
+            raise ValueError("constrained needs at least one chat row")
+        self.rows = list(rows)
+        self.augmenter = SafetyRecoveryAugmenter(tokenizer, system=system)
+        self.pad_id = tokenizer.pad_token_id
+        self.reference = reference_model.eval().requires_grad_(False)
+        self.cache: dict[int, torch.Tensor] | None = None
+        if cache_reference:
+            self.cache = {}
+            for index in tqdm(range(len(self.rows)), desc="reference log-probs", disable=not progress):
+                self.cache[index] = self._reference_logprobs([self.augmenter.utility(self.rows[index], index)])[0]
+
+    @torch.no_grad()
+    def _reference_logprobs(self, items: Sequence[TrainingItem]) -> torch.Tensor:
+        """Target log-probs ``[n, T]`` of unpadded single items (n = 1) or a padded batch."""
+        batch = make_batch(items, self.pad_id)
+        ids, attention, _ = _model_inputs(self.reference, batch)
+        return target_logprobs(self.reference(ids, attention_mask=attention).logits, ids).cpu()
+
+    def sample(self, rng: random.Random, batch_size: int) -> list[TrainingItem]:
+        indices = [rng.randrange(len(self.rows)) for _ in range(batch_size)]
+        return [self.augmenter.utility(self.rows[i], i) for i in indices]
+
+    def loss_terms(self, model, batch) -> dict[str, torch.Tensor]:
+        ids, attention, loss_mask = _model_inputs(model, batch)
+        policy = target_logprobs(model(ids, attention_mask=attention).logits, ids)
+        if self.cache is not None:  # left-pad each cached row to the batch length
+            length = ids.shape[1]
+            reference = torch.stack([torch.nn.functional.pad(self.cache[i], (length - len(self.cache[i]), 0))
+                                     for i in batch["source"].tolist()]).to(ids.device)
+        else:
+            reference = target_logprobs(self.reference(ids, attention_mask=attention).logits, ids).detach()
+        loss, count = constrained_token_loss(policy, reference, loss_mask)
+        loss = loss / max(count, 1)
+        return {"loss": loss, "constrained": loss.detach()}

@@ -1,0 +1,220 @@
+"""The trainer: one loop for every recipe, on 🤗 accelerate.
+
+One process on a CPU; ``accelerate launch`` (with an FSDP or DeepSpeed config) on many GPUs.
+Each optimizer step draws ``grad_accum`` micro-batches of ``batch_size`` items from the recipe
+with the trainer's own ``random.Random``, so that the data sequence is a function of the seed.
+
+Files in ``output_dir``:
+
+* ``metrics.jsonl``: one JSON line per optimizer step (step, every loss term, learning rate,
+  seconds), appended as training goes;
+* ``checkpoint-<step>/``: a Hugging Face folder (safetensors weights, config, tokenizer) plus
+  ``trainer_state.pt`` (optimizer, scheduler, torch RNG; loaded with ``weights_only=True``) and
+  ``trainer_state.json`` (step, the data RNG); written under a temporary name, then renamed;
+* ``final/``: the trained model, a Hugging Face folder, written the same way.
+
+Resuming (the default when checkpoints exist) restores the weights, optimizer, scheduler and both
+RNGs of the latest checkpoint and drops metric lines past it, so an interrupted run loses at most
+the steps since its last checkpoint and continues with exactly the losses it would have had.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from deepalign.training.recipes import make_batch
+
+STATE_JSON = "trainer_state.json"
+STATE_TORCH = "trainer_state.pt"
+
+
+@dataclass
+class TrainerConfig:
+    """Optimisation and bookkeeping. The defaults follow Qi et al. / Vega & Singh where they
+    apply (AdamW, linear decay without warm-up); ``steps`` counts optimizer steps."""
+
+    output_dir: str
+    steps: int
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 2e-5
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    max_grad_norm: float = 1.0
+    checkpoint_every: int = 50
+    seed: int = 0
+    mixed_precision: str = "no"  # "bf16" on GPUs
+    resume: bool = True
+    progress: bool = True
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "grad_accum", "checkpoint_every"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if not 0 <= self.warmup_steps < self.steps:
+            raise ValueError(f"warmup_steps must be in [0, steps = {self.steps}), got {self.warmup_steps}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be positive, got {self.lr}")
+        if self.mixed_precision not in ("no", "bf16", "fp16"):
+            raise ValueError(f"mixed_precision must be 'no', 'bf16' or 'fp16', got {self.mixed_precision!r}")
+
+
+class Trainer:
+    """``Trainer(model, tokenizer, recipe, config).train()`` → the list of per-step metrics."""
+
+    def __init__(self, model, tokenizer, recipe, config: TrainerConfig):
+        from accelerate import Accelerator
+
+        self.config = config
+        self.tokenizer = tokenizer
+        self.recipe = recipe
+        self.output = Path(config.output_dir)
+        self.accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=not torch.cuda.is_available())
+        optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self._lr_factor)
+        self.model, self.optimizer, self.scheduler = self.accelerator.prepare(model, optimizer, scheduler)
+        self.rng = random.Random(config.seed)
+        self.step = 0
+
+    def _lr_factor(self, step: int) -> float:
+        warmup, total = self.config.warmup_steps, self.config.steps
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (total - step) / max(1, total - warmup))
+
+    # ----- the loop -----------------------------------------------------------------------------
+
+    def train(self) -> list[dict]:
+        self.output.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(self.config.seed)
+        if self.config.resume:
+            self._resume()
+        metrics_path = self.output / "metrics.jsonl"
+        history = _read_metrics(metrics_path)
+        self.model.train()
+        bar = tqdm(total=self.config.steps, initial=self.step, desc=f"train {self.recipe.name}",
+                   disable=not self.config.progress)
+        while self.step < self.config.steps:
+            started = time.perf_counter()
+            totals: dict[str, float] = {}
+            for _ in range(self.config.grad_accum):
+                batch = make_batch(self.recipe.sample(self.rng, self.config.batch_size), self.tokenizer.pad_token_id)
+                terms = self.recipe.loss_terms(self.model, batch)
+                self.accelerator.backward(terms["loss"] / self.config.grad_accum)
+                for name, value in terms.items():
+                    totals[name] = totals.get(name, 0.0) + float(value.detach()) / self.config.grad_accum
+            if self.config.max_grad_norm:
+                self.accelerator.clip_grad_norm_(self.model.parameters(), self.config.max_grad_norm)
+            lr = self.scheduler.get_last_lr()[0]
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.step += 1
+            row = {"step": self.step, **{k: round(v, 6) for k, v in totals.items()}, "lr": lr,
+                   "seconds": round(time.perf_counter() - started, 4)}
+            history.append(row)
+            with metrics_path.open("a", encoding="utf-8") as handle:
+                handle.write(json.dumps(row) + "\n")
+            bar.set_postfix({k: f"{v:.4f}" for k, v in totals.items()})
+            bar.update(1)
+            if self.step % self.config.checkpoint_every == 0 or self.step == self.config.steps:
+                self.save_checkpoint()
+        bar.close()
+        self.save_model(self.output / "final")
+        return history
+
+    # ----- files --------------------------------------------------------------------------------
+
+    def save_model(self, folder: Path) -> Path:
+        """Write the model and tokenizer as a Hugging Face folder, atomically."""
+        tmp = folder.with_name(folder.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        self.accelerator.unwrap_model(self.model).save_pretrained(tmp, safe_serialization=True)
+        self.tokenizer.save_pretrained(tmp)
+        return _replace_dir(tmp, folder)
+
+    def save_checkpoint(self) -> Path:
+        folder = self.output / f"checkpoint-{self.step}"
+        tmp = folder.with_name(folder.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        self.accelerator.unwrap_model(self.model).save_pretrained(tmp, safe_serialization=True)
+        self.tokenizer.save_pretrained(tmp)
+        torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                    "torch_rng": torch.get_rng_state()}, tmp / STATE_TORCH)
+        version, state, gauss = self.rng.getstate()
+        (tmp / STATE_JSON).write_text(json.dumps({"step": self.step, "data_rng": [version, list(state), gauss],
+                                                  "config": asdict(self.config), "recipe": self.recipe.name}))
+        return _replace_dir(tmp, folder)
+
+    def _resume(self) -> None:
+        checkpoint = latest_checkpoint(self.output)
+        if checkpoint is None:
+            return
+        from safetensors.torch import load_file
+
+        state = json.loads((checkpoint / STATE_JSON).read_text())
+        if state.get("recipe") != self.recipe.name:
+            raise ValueError(f"{checkpoint}: it was written by recipe {state.get('recipe')!r}, not {self.recipe.name!r}; "
+                             "use another output_dir or resume=False")
+        model = self.accelerator.unwrap_model(self.model)
+        weights = {}
+        for shard in sorted(checkpoint.glob("*.safetensors")):
+            weights.update(load_file(shard))
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+        if unexpected or [m for m in missing if not _is_tied(model, m)]:
+            raise ValueError(f"{checkpoint}: weights do not match the model (missing {missing}, unexpected {unexpected})")
+        tensors = torch.load(checkpoint / STATE_TORCH, weights_only=True)
+        self.optimizer.load_state_dict(tensors["optimizer"])
+        self.scheduler.load_state_dict(tensors["scheduler"])
+        torch.set_rng_state(tensors["torch_rng"])
+        version, rng_state, gauss = state["data_rng"]
+        self.rng.setstate((version, tuple(rng_state), gauss))
+        self.step = int(state["step"])
+        _truncate_metrics(self.output / "metrics.jsonl", self.step)
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    """The complete ``checkpoint-<step>`` folder with the highest step, or ``None``."""
+    candidates = []
+    for folder in Path(output_dir).glob("checkpoint-*"):
+        suffix = folder.name.removeprefix("checkpoint-")
+        if suffix.isdigit() and (folder / STATE_JSON).is_file():
+            candidates.append((int(suffix), folder))
+    return max(candidates)[1] if candidates else None
+
+
+def _is_tied(model, name: str) -> bool:
+    return getattr(model.config, "tie_word_embeddings", False) and name == "lm_head.weight"
+
+
+def _replace_dir(tmp: Path, final: Path) -> Path:
+    old = final.with_name(final.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _read_metrics(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Keep the metric lines up to ``step`` (those past the checkpoint will be trained again)."""
+    rows = [row for row in _read_metrics(path) if row["step"] <= step]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    tmp.replace(path)

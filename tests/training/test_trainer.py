@@ -1,0 +1,139 @@
+"""The trainer: every recipe runs; checkpoints are Hugging Face folders; resume reproduces losses."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from deepalign.data.synthetic import SyntheticWorld
+from deepalign.models.loading import load_pretrained, tiny_random_model
+from deepalign.training.augmentation import SafetyExample, UtilityExample
+from deepalign.training.data import DataFileError, read_rows, write_rows
+from deepalign.training.recipes import ConstrainedRecipe, DARecipe, SFTRecipe
+from deepalign.training.trainer import Trainer, TrainerConfig, latest_checkpoint
+
+
+@pytest.fixture(scope="module")
+def world():
+    return SyntheticWorld.build(0)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(world):
+    return world.tokenizer()
+
+
+def safety_rows(world):
+    return [SafetyExample(world.request(i, p), world.compliant_response(i), world.refusal(i, p))
+            for i in world.harmful_items() for p in range(2)]
+
+
+def utility_rows(world):
+    return [UtilityExample(world.request(i, p), world.compliant_response(i)) for i in world.benign_items() for p in range(2)]
+
+
+def model_for(tokenizer, seed=0, attention=None):
+    return tiny_random_model(vocab_size=len(tokenizer), seed=seed, attn_implementation=attention)
+
+
+def config(tmp_path, **overrides):
+    values = dict(output_dir=str(tmp_path), steps=6, batch_size=4, lr=1e-3, checkpoint_every=3, progress=False)
+    values.update(overrides)
+    return TrainerConfig(**values)
+
+
+class Interrupt(Exception):
+    pass
+
+
+class InterruptAfter:
+    """Wraps a recipe and raises after ``calls`` loss computations (an interrupted run)."""
+
+    def __init__(self, recipe, calls):
+        self.recipe, self.calls, self.name = recipe, calls, recipe.name
+
+    def sample(self, rng, batch_size):
+        return self.recipe.sample(rng, batch_size)
+
+    def loss_terms(self, model, batch):
+        self.calls -= 1
+        if self.calls < 0:
+            raise Interrupt
+        return self.recipe.loss_terms(model, batch)
+
+
+def test_resume_reproduces_the_loss_sequence(world, tokenizer, tmp_path):
+    recipe = lambda: DARecipe(tokenizer, safety_rows(world), utility_rows(world))  # noqa: E731
+    reference = Trainer(model_for(tokenizer), tokenizer, recipe(), config(tmp_path / "a")).train()
+    interrupted = Trainer(model_for(tokenizer), tokenizer, InterruptAfter(recipe(), 5), config(tmp_path / "b"))
+    with pytest.raises(Interrupt):
+        interrupted.train()
+    assert latest_checkpoint(tmp_path / "b").name == "checkpoint-3"
+    resumed = Trainer(model_for(tokenizer, seed=99), tokenizer, recipe(), config(tmp_path / "b")).train()
+    assert [row["step"] for row in resumed] == list(range(1, 7))
+    assert [row["loss"] for row in resumed] == [row["loss"] for row in reference]
+    on_disk = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert [row["loss"] for row in on_disk] == [row["loss"] for row in reference]
+
+
+def test_every_recipe_trains_and_writes_a_loadable_model(world, tokenizer, tmp_path):
+    safety, utility = safety_rows(world), utility_rows(world)
+    refusals = [UtilityExample(row.prompt, row.refusal) for row in safety]
+    recipes = {
+        "sft": (SFTRecipe(tokenizer, refusals + utility), None),
+        "da": (DARecipe(tokenizer, safety, utility), None),
+        "presto": (DARecipe(tokenizer, safety, utility, presto_weight=1.0), "deepalign"),
+        "constrained": (ConstrainedRecipe(tokenizer, utility, model_for(tokenizer), progress=False), None),
+    }
+    for name, (recipe, attention) in recipes.items():
+        output = tmp_path / name
+        history = Trainer(model_for(tokenizer, attention=attention), tokenizer, recipe,
+                          config(output, steps=8, checkpoint_every=4)).train()
+        assert recipe.name == name
+        assert len(history) == 8 and all(torch.isfinite(torch.tensor(row["loss"])) for row in history)
+        if name == "presto":
+            assert "presto" in history[0] and "nll" in history[0]
+        if name == "constrained":  # starts at the reference: constrained loss = 2/β·log 2 averaged
+            assert history[0]["constrained"] > 0
+        assert history[-1]["loss"] < history[0]["loss"]
+        model, _ = load_pretrained(output / "final")
+        assert model.config.vocab_size == len(tokenizer)
+
+
+def test_presto_needs_the_fused_attention(world, tokenizer, tmp_path):
+    recipe = DARecipe(tokenizer, safety_rows(world), utility_rows(world), presto_weight=1.0)
+    with pytest.raises(ValueError, match="presto needs the model loaded with attn_implementation='deepalign'"):
+        Trainer(model_for(tokenizer, attention="eager"), tokenizer, recipe, config(tmp_path)).train()
+
+
+def test_bad_configs_and_resuming_another_recipe(world, tokenizer, tmp_path):
+    with pytest.raises(ValueError, match="batch_size must be a positive int"):
+        config(tmp_path, batch_size=0)
+    with pytest.raises(ValueError, match=r"warmup_steps must be in \[0, steps = 6\)"):
+        config(tmp_path, warmup_steps=6)
+    with pytest.raises(ValueError, match="safety_fraction must be in"):
+        DARecipe(tokenizer, safety_rows(world), utility_rows(world), safety_fraction=0.0)
+    Trainer(model_for(tokenizer), tokenizer, SFTRecipe(tokenizer, utility_rows(world)), config(tmp_path, steps=3)).train()
+    with pytest.raises(ValueError, match="written by recipe 'sft', not 'da'"):
+        Trainer(model_for(tokenizer), tokenizer, DARecipe(tokenizer, safety_rows(world), utility_rows(world)),
+                config(tmp_path, steps=3)).train()
+
+
+def test_data_files_round_trip_and_name_bad_lines(world, tmp_path):
+    path = write_rows(tmp_path / "safety.jsonl", safety_rows(world))
+    assert read_rows(path, SafetyExample) == safety_rows(world)
+    lines = path.read_text().splitlines()
+    lines[2] = '{"prompt": "x", "refusal": "no"}'
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataFileError, match=r"safety.jsonl:3: missing or empty field\(s\) harmful_response"):
+        read_rows(path, SafetyExample)
+    path.write_text('{"prompt": "x", "response": "y"}\n[1, 2]\n')
+    with pytest.raises(DataFileError, match=r"safety.jsonl:2: expected a JSON object"):
+        read_rows(path, UtilityExample)
+    path.write_text('{"prompt": "x", \n')
+    with pytest.raises(DataFileError, match=r"safety.jsonl:1: not valid JSON"):
+        read_rows(path, UtilityExample)
+    with pytest.raises(DataFileError, match="no such data file"):
+        read_rows(tmp_path / "missing.jsonl", UtilityExample)
