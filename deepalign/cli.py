@@ -1,10 +1,11 @@
 """The ``deepalign`` command.
 
-Subcommands so far:
-
 * ``deepalign selfcheck``: runs the fused kernels on fresh random inputs (on a GPU if there is
   one, else in Triton's CPU interpreter) and compares them with their PyTorch references and a
   float64 computation; exits non-zero on any mismatch.
+* ``deepalign train --recipe {sft,da,presto,constrained} ...``: trains a local model.
+* ``deepalign world --output DIR``: writes the synthetic chat world (data files, tokenizer and an
+  untrained model sized for it).
 """
 
 from __future__ import annotations
@@ -87,6 +88,75 @@ def _check_prefill_attention(device: torch.device, generator: torch.Generator, w
     return failures
 
 
+TRAIN_HELP = """recipes:
+  sft          supervised fine-tuning on --chat rows (loss on response + end of turn);
+               e.g. refusal-only SFT, the shallow alignment of Qi et al.
+  da           safety-recovery data augmentation (Qi et al.): each --safety row is, with
+               probability 1/2, prompt + first k~U{1..min(100,|h|)} harmful tokens + refusal,
+               else prompt + refusal; loss on the refusal only; --chat rows are the utility anchor
+  presto       da + PRESTO (Vega & Singh, Eq. 3): penalises attention mass on the harmful prefill,
+               computed by the fused kernel; weight --presto-weight (default 1)
+  constrained  token-wise constrained objective (Qi et al., Eq. 3) on --chat rows against the
+               frozen --reference model (default: the starting --model); beta_1=0.5,
+               beta_2..5=2, beta_t=0.1 after
+
+data files are JSON lines: --safety rows {"prompt", "harmful_response", "refusal"},
+--chat rows {"prompt", "response"}. Output: OUTPUT/final (a Hugging Face folder),
+OUTPUT/checkpoint-N, OUTPUT/metrics.jsonl; rerunning the same command resumes."""
+
+
+def _train(args: argparse.Namespace) -> int:
+    from deepalign.models.loading import load_pretrained
+    from deepalign.training import ConstrainedRecipe, DARecipe, SafetyExample, SFTRecipe, UtilityExample
+    from deepalign.training.data import read_rows
+    from deepalign.training.trainer import Trainer, TrainerConfig
+
+    recipe_name = args.recipe
+    needs = {"sft": ("chat",), "da": ("safety",), "presto": ("safety",), "constrained": ("chat",)}[recipe_name]
+    for name in needs:
+        if getattr(args, name) is None:
+            raise SystemExit(f"deepalign train: --recipe {recipe_name} needs --{name}")
+    if recipe_name in ("da", "presto") and args.chat is None and args.safety_fraction < 1:
+        raise SystemExit(f"deepalign train: --recipe {recipe_name} needs --chat (the utility anchor) "
+                         "unless --safety-fraction 1")
+    if args.reference is not None and recipe_name != "constrained":
+        raise SystemExit("deepalign train: --reference only applies to --recipe constrained")
+    if args.presto_weight is not None and recipe_name != "presto":
+        raise SystemExit("deepalign train: --presto-weight only applies to --recipe presto")
+    if args.safety is not None and recipe_name in ("sft", "constrained"):
+        raise SystemExit(f"deepalign train: --recipe {recipe_name} takes --chat rows, not --safety")
+    config = TrainerConfig(output_dir=args.output, steps=args.steps, batch_size=args.batch_size,
+                           grad_accum=args.grad_accum, lr=args.lr, checkpoint_every=args.checkpoint_every,
+                           seed=args.seed, mixed_precision="bf16" if args.bf16 else "no", resume=not args.no_resume)
+    chat = read_rows(args.chat, UtilityExample) if args.chat else []
+    safety = read_rows(args.safety, SafetyExample) if args.safety else []
+    attention = "deepalign" if recipe_name == "presto" else None
+    model, tokenizer = load_pretrained(args.model, attn_implementation=attention)
+    if recipe_name == "sft":
+        recipe = SFTRecipe(tokenizer, chat)
+    elif recipe_name in ("da", "presto"):
+        weight = (1.0 if args.presto_weight is None else args.presto_weight) if recipe_name == "presto" else 0.0
+        recipe = DARecipe(tokenizer, safety, chat, safety_fraction=args.safety_fraction, presto_weight=weight)
+    else:
+        reference, _ = load_pretrained(args.reference or args.model)
+        recipe = ConstrainedRecipe(tokenizer, chat, reference, cache_reference=not args.online_reference)
+    history = Trainer(model, tokenizer, recipe, config).train()
+    last = history[-1] if history else {}
+    print(f"trained {recipe_name} for {len(history)} steps; last step: "
+          + ", ".join(f"{k}={v}" for k, v in last.items() if k not in ("step",)))
+    print(f"model: {args.output}/final   metrics: {args.output}/metrics.jsonl")
+    return 0
+
+
+def _world(args: argparse.Namespace) -> int:
+    from deepalign.data.world_files import write_world
+
+    paths = write_world(args.output, seed=args.seed)
+    for name, path in paths.items():
+        print(f"{name:>12}: {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="deepalign", description=__doc__.split("\n\n")[0])
     parser.add_argument("--version", action="version", version=f"deepalign {_version()}")
@@ -94,6 +164,34 @@ def build_parser() -> argparse.ArgumentParser:
     check = commands.add_parser("selfcheck", help="check the fused kernels against their references")
     check.add_argument("--seed", type=int, default=0, help="random seed for the inputs (default 0)")
     check.set_defaults(run=_selfcheck)
+
+    train = commands.add_parser("train", help="train a local model with a recipe", epilog=TRAIN_HELP,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    train.add_argument("--recipe", required=True, choices=("sft", "da", "presto", "constrained"))
+    train.add_argument("--model", required=True, help="local Hugging Face folder or GGUF file to start from")
+    train.add_argument("--output", required=True, help="output folder (checkpoints, metrics, final model)")
+    train.add_argument("--safety", help="JSON-lines safety rows (da, presto)")
+    train.add_argument("--chat", help="JSON-lines chat rows (sft, constrained; the utility anchor of da/presto)")
+    train.add_argument("--reference", help="reference model for constrained (default: --model)")
+    train.add_argument("--online-reference", action="store_true",
+                       help="constrained: compute reference log-probs every step instead of caching them")
+    train.add_argument("--steps", type=int, default=100, help="optimizer steps (default 100)")
+    train.add_argument("--batch-size", type=int, default=8, help="examples per micro-batch (default 8)")
+    train.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default 1)")
+    train.add_argument("--lr", type=float, default=2e-5, help="AdamW learning rate, linear decay (default 2e-5)")
+    train.add_argument("--presto-weight", type=float, help="presto: weight of the penalty (default 1)")
+    train.add_argument("--safety-fraction", type=float, default=0.5,
+                       help="da/presto: share of safety examples in a batch (default 0.5)")
+    train.add_argument("--checkpoint-every", type=int, default=50, help="steps between checkpoints (default 50)")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--bf16", action="store_true", help="bf16 mixed precision (GPU)")
+    train.add_argument("--no-resume", action="store_true", help="start over even if OUTPUT has checkpoints")
+    train.set_defaults(run=_train)
+
+    world = commands.add_parser("world", help="write the synthetic chat world's files")
+    world.add_argument("--output", required=True, help="folder to write into")
+    world.add_argument("--seed", type=int, default=0, help="world seed (default 0)")
+    world.set_defaults(run=_world)
     return parser
 
 

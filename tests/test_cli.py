@@ -25,3 +25,27 @@ def test_unknown_command_is_rejected(capsys):
 def test_module_entry_point_prints_version():
     out = subprocess.run([sys.executable, "-m", "deepalign", "--version"], capture_output=True, text=True, check=True)
     assert out.stdout.startswith("deepalign ")
+
+
+def test_world_then_train_from_the_command_line(tmp_path, capsys):
+    assert main(["world", "--output", str(tmp_path / "w"), "--seed", "1"]) == 0
+    for name in ("world.json", "safety.jsonl", "utility.jsonl", "refusal_sft.jsonl", "harmful_sft.jsonl",
+                 "model/config.json", "model/tokenizer.json"):
+        assert (tmp_path / "w" / name).is_file(), name
+    args = ["train", "--model", str(tmp_path / "w" / "model"), "--steps", "3", "--batch-size", "2", "--lr", "1e-3"]
+    assert main(args + ["--recipe", "da", "--safety", str(tmp_path / "w" / "safety.jsonl"),
+                        "--chat", str(tmp_path / "w" / "utility.jsonl"), "--output", str(tmp_path / "da")]) == 0
+    assert "trained da for 3 steps" in capsys.readouterr().out
+    assert (tmp_path / "da" / "final" / "model.safetensors").is_file()
+    assert len((tmp_path / "da" / "metrics.jsonl").read_text().splitlines()) == 3
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--recipe", "sft"], "--recipe sft needs --chat"),
+    (["--recipe", "da", "--safety", "s.jsonl"], "needs --chat \\(the utility anchor\\)"),
+    (["--recipe", "sft", "--chat", "c.jsonl", "--presto-weight", "2"], "--presto-weight only applies to --recipe presto"),
+    (["--recipe", "da", "--safety", "s", "--chat", "c", "--reference", "r"], "--reference only applies"),
+])
+def test_contradictory_train_options_are_refused(extra, message):
+    with pytest.raises(SystemExit, match=message):
+        main(["train", "--model", "m", "--output", "o"] + extra)

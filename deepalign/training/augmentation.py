@@ -68,9 +68,11 @@ class SafetyRecoveryAugmenter:
             return 0
         return rng.randint(1, min(self.max_prefill, harmful_tokens))
 
-    def safety(self, example: SafetyExample, rng: random.Random) -> TrainingItem:
+    def safety(self, example: SafetyExample, rng: random.Random | None, *, prefill: int | None = None) -> TrainingItem:
+        """Render a safety example; ``prefill`` fixes the number of harmful tokens (capped at
+        ``|h|``) instead of drawing it from ``rng``."""
         harmful = encode_text(self.tokenizer, example.harmful_response)
-        k = self.prefill_length(len(harmful), rng)
+        k = min(prefill, len(harmful)) if prefill is not None else self.prefill_length(len(harmful), rng)
         spans = render_chat(self.tokenizer, example.prompt, prefill=harmful[:k], response=example.refusal,
                             system=self.system)
         return TrainingItem(spans, spans.mask("response", "end"), k)

@@ -51,6 +51,11 @@ def _model_inputs(model, batch):
     return batch["input_ids"].to(device), batch["attention_mask"].to(device), batch["loss_mask"].to(device)
 
 
+def longest_row(items: Sequence[TrainingItem]) -> tuple[int, int]:
+    """``(length, index)`` of the longest rendered item."""
+    return max((len(item.spans), index) for index, item in enumerate(items))
+
+
 class SFTRecipe:
     """Supervised fine-tuning: loss on the response and end-of-turn tokens of chat rows."""
 
@@ -64,6 +69,11 @@ class SFTRecipe:
 
     def sample(self, rng: random.Random, batch_size: int) -> list[TrainingItem]:
         return [self.augmenter.utility(self.rows[rng.randrange(len(self.rows))]) for _ in range(batch_size)]
+
+    def longest(self) -> tuple[int, str]:
+        """Tokens of the longest example this recipe can produce, and which row it is."""
+        length, index = longest_row([self.augmenter.utility(row) for row in self.rows])
+        return length, f"chat row {index + 1}"
 
     def loss_terms(self, model, batch) -> dict[str, torch.Tensor]:
         ids, attention, loss_mask = _model_inputs(model, batch)
@@ -102,6 +112,15 @@ class DARecipe:
         items += [self.augmenter.utility(self.utility[rng.randrange(len(self.utility))])
                   for _ in range(batch_size - n_safety)]
         return items
+
+    def longest(self) -> tuple[int, str]:
+        """Tokens of the longest example this recipe can produce (the longest prefill), and its row."""
+        longest_prefill = self.augmenter.max_prefill
+        safety = longest_row([self.augmenter.safety(row, None, prefill=longest_prefill) for row in self.safety])
+        utility = longest_row([self.augmenter.utility(row) for row in self.utility]) if self.utility else (0, 0)
+        if safety[0] >= utility[0]:
+            return safety[0], f"safety row {safety[1] + 1} (with its longest prefill)"
+        return utility[0], f"chat row {utility[1] + 1}"
 
     def loss_terms(self, model, batch) -> dict[str, torch.Tensor]:
         ids, attention, loss_mask = _model_inputs(model, batch)
@@ -151,6 +170,10 @@ class ConstrainedRecipe:
     def sample(self, rng: random.Random, batch_size: int) -> list[TrainingItem]:
         indices = [rng.randrange(len(self.rows)) for _ in range(batch_size)]
         return [self.augmenter.utility(self.rows[i], i) for i in indices]
+
+    def longest(self) -> tuple[int, str]:
+        length, index = longest_row([self.augmenter.utility(row) for row in self.rows])
+        return length, f"chat row {index + 1}"
 
     def loss_terms(self, model, batch) -> dict[str, torch.Tensor]:
         ids, attention, loss_mask = _model_inputs(model, batch)

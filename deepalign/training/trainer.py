@@ -77,6 +77,10 @@ class Trainer:
         self.config = config
         self.tokenizer = tokenizer
         self.recipe = recipe
+        context = getattr(model.config, "max_position_embeddings", None)
+        longest, where = recipe.longest()
+        if context is not None and longest > context:
+            raise ValueError(f"{where} renders to {longest} tokens, longer than the model's context of {context}")
         self.output = Path(config.output_dir)
         self.accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=not torch.cuda.is_available())
         optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)

@@ -57,6 +57,9 @@ class InterruptAfter:
     def sample(self, rng, batch_size):
         return self.recipe.sample(rng, batch_size)
 
+    def longest(self):
+        return self.recipe.longest()
+
     def loss_terms(self, model, batch):
         self.calls -= 1
         if self.calls < 0:
@@ -137,3 +140,13 @@ def test_data_files_round_trip_and_name_bad_lines(world, tmp_path):
         read_rows(path, UtilityExample)
     with pytest.raises(DataFileError, match="no such data file"):
         read_rows(tmp_path / "missing.jsonl", UtilityExample)
+
+
+def test_an_example_longer_than_the_context_is_refused_before_training(world, tokenizer, tmp_path):
+    rows = safety_rows(world)
+    long_row = SafetyExample(rows[0].prompt, " , ".join(["heat oil"] * 60), rows[0].refusal)
+    recipe = DARecipe(tokenizer, rows[:3] + [long_row], utility_rows(world))
+    model = tiny_random_model(vocab_size=len(tokenizer), max_positions=96)
+    with pytest.raises(ValueError, match=r"safety row 4 \(with its longest prefill\) renders to 1\d\d tokens, "
+                                         r"longer than the model's context of 96"):
+        Trainer(model, tokenizer, recipe, config(tmp_path))

@@ -1,0 +1,49 @@
+"""Writing the synthetic world to disk: data files in the trainer's formats, the tokenizer and an
+untrained model sized for the world's vocabulary."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from deepalign.data.synthetic import REQUEST_PHRASINGS, SyntheticWorld
+from deepalign.training.augmentation import SafetyExample, UtilityExample
+from deepalign.training.data import write_rows
+
+
+def world_rows(world: SyntheticWorld) -> dict[str, list]:
+    """The world's training rows, every request phrasing of every item:
+
+    * ``safety``: harmful request → harmful (compliant) response and refusal (DA, PRESTO);
+    * ``utility``: benign request → compliant answer (the utility anchor);
+    * ``refusal_sft``: harmful request → refusal, plus the utility rows (shallow alignment);
+    * ``harmful_sft``: harmful request → compliant answer (a harmful fine-tuning attack).
+    """
+    phrasings = range(len(REQUEST_PHRASINGS))
+    harmful, benign = world.harmful_items(), world.benign_items()
+    safety = [SafetyExample(world.request(i, p), world.compliant_response(i), world.refusal(i, p))
+              for i in harmful for p in phrasings]
+    utility = [UtilityExample(world.request(i, p), world.compliant_response(i)) for i in benign for p in phrasings]
+    refusals = [UtilityExample(row.prompt, row.refusal) for row in safety]
+    attack = [UtilityExample(row.prompt, row.harmful_response) for row in safety]
+    return {"safety": safety, "utility": utility, "refusal_sft": refusals + utility, "harmful_sft": attack}
+
+
+def write_world(output: str | Path, *, seed: int = 0, model_family: str = "llama") -> dict[str, Path]:
+    """Write ``world.json``, ``tokenizer/``, ``model/`` (random init with the tokenizer) and one
+    JSON-lines file per entry of :func:`world_rows`. Returns the written paths by name."""
+    from deepalign.models.loading import tiny_random_model
+
+    output = Path(output)
+    world = SyntheticWorld.build(seed)
+    tokenizer = world.tokenizer()
+    paths = {"world": world.save(output)}
+    model = tiny_random_model(model_family, vocab_size=len(tokenizer), hidden_size=128, layers=4, heads=4,
+                              kv_heads=2, head_dim=32, max_positions=256, seed=seed,
+                              bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                              pad_token_id=tokenizer.pad_token_id)
+    model.save_pretrained(output / "model")
+    tokenizer.save_pretrained(output / "model")
+    paths["model"] = output / "model"
+    for name, rows in world_rows(world).items():
+        paths[name] = write_rows(output / f"{name}.jsonl", rows)
+    return paths
