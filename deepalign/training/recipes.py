@@ -5,6 +5,8 @@ A recipe has ``sample(rng, batch_size) -> list[TrainingItem]`` and
 :func:`deepalign.models.chat.collate` of the items plus their stacked ``loss_mask``. Every loss
 is a mean over the supervised tokens of the (micro-)batch.
 
+* ``pretrain``: language modelling on plain texts (every token) mixed with chat rows (loss on the
+  response), e.g. the synthetic world's knowledge stream and compliant answers: the base model.
 * ``sft``: supervised fine-tuning on chat rows (e.g. refusal-only SFT, the shallow alignment).
 * ``da``: safety-recovery data augmentation plus the utility anchor (Qi et al.).
 * ``presto``: ``da`` + PRESTO's attention penalty from the fused kernel's mass (Vega & Singh),
@@ -23,7 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from deepalign.models.attention import ATTENTION_NAME, collect_prefill_mass
-from deepalign.models.chat import collate
+from deepalign.models.chat import ChatSpans, collate, encode_text
 from deepalign.training.augmentation import SafetyExample, SafetyRecoveryAugmenter, TrainingItem, UtilityExample
 from deepalign.training.losses import (
     constrained_token_loss,
@@ -33,7 +35,7 @@ from deepalign.training.losses import (
     token_nll,
 )
 
-RECIPES = ("sft", "da", "presto", "constrained")
+RECIPES = ("pretrain", "sft", "da", "presto", "constrained")
 
 
 def make_batch(items: Sequence[TrainingItem], pad_id: int) -> dict[str, torch.Tensor]:
@@ -54,6 +56,48 @@ def _model_inputs(model, batch):
 def longest_row(items: Sequence[TrainingItem]) -> tuple[int, int]:
     """``(length, index)`` of the longest rendered item."""
     return max((len(item.spans), index) for index, item in enumerate(items))
+
+
+def plain_text_item(tokenizer, text: str) -> TrainingItem:
+    """``<bos> text`` with the loss on every text token (spans: prompt = BOS, response = text)."""
+    ids = [tokenizer.bos_token_id] + encode_text(tokenizer, text)
+    spans = ChatSpans(tuple(ids), slice(0, 1), slice(1, 1), slice(1, len(ids)), slice(len(ids), len(ids)))
+    return TrainingItem(spans, spans.mask("response"), 0)
+
+
+class PretrainRecipe:
+    """Language modelling on ``texts`` with a share ``chat_fraction`` of chat rows per batch."""
+
+    name = "pretrain"
+
+    def __init__(self, tokenizer, texts: Sequence[str], chat: Sequence[UtilityExample] = (), *,
+                 chat_fraction: float = 0.5):
+        if not texts:
+            raise ValueError("pretrain needs at least one text")
+        if tokenizer.bos_token_id is None:
+            raise ValueError("pretrain needs a tokenizer with a BOS token")
+        if not 0.0 <= chat_fraction < 1.0 or (chat_fraction > 0 and not chat):
+            raise ValueError(f"chat_fraction must be in [0, 1) and needs chat rows when > 0, got {chat_fraction}")
+        self.texts = [plain_text_item(tokenizer, text) for text in texts]
+        self.chat = SFTRecipe(tokenizer, chat) if chat else None
+        self.chat_fraction = chat_fraction
+
+    def sample(self, rng: random.Random, batch_size: int) -> list[TrainingItem]:
+        n_chat = round(batch_size * self.chat_fraction) if self.chat else 0
+        return [self.texts[rng.randrange(len(self.texts))] for _ in range(batch_size - n_chat)] + (
+            self.chat.sample(rng, n_chat) if n_chat else [])
+
+    def longest(self) -> tuple[int, str]:
+        length, index = longest_row(self.texts)
+        if self.chat is not None and self.chat.longest()[0] > length:
+            return self.chat.longest()
+        return length, f"text {index + 1}"
+
+    def loss_terms(self, model, batch) -> dict[str, torch.Tensor]:
+        ids, attention, loss_mask = _model_inputs(model, batch)
+        nll, count = token_nll(model(ids, attention_mask=attention).logits, ids, loss_mask)
+        loss = nll / max(count, 1)
+        return {"loss": loss, "nll": loss.detach()}
 
 
 class SFTRecipe:

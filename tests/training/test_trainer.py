@@ -150,3 +150,18 @@ def test_an_example_longer_than_the_context_is_refused_before_training(world, to
     with pytest.raises(ValueError, match=r"safety row 4 \(with its longest prefill\) renders to 1\d\d tokens, "
                                          r"longer than the model's context of 96"):
         Trainer(model, tokenizer, recipe, config(tmp_path))
+
+
+def test_pretrain_recipe_supervises_every_text_token_and_mixes_chat(world, tokenizer, tmp_path):
+    from deepalign.training.recipes import PretrainRecipe
+
+    texts = [world.knowledge_text(i) for i in world.items.values()]
+    recipe = PretrainRecipe(tokenizer, texts, utility_rows(world), chat_fraction=0.5)
+    items = recipe.sample(__import__("random").Random(0), 6)
+    plain = [i for i in items if i.spans.input_ids[0] == tokenizer.bos_token_id and len(i.spans.tokens("prompt")) == 1]
+    assert len(plain) == 3
+    assert all(int(i.loss_mask.sum()) == len(i.spans) - 1 for i in plain)
+    history = Trainer(model_for(tokenizer), tokenizer, recipe, config(tmp_path, steps=10)).train()
+    assert history[-1]["loss"] < history[0]["loss"]
+    with pytest.raises(ValueError, match="chat_fraction must be in"):
+        PretrainRecipe(tokenizer, texts, chat_fraction=0.5)
