@@ -15,6 +15,7 @@ import os
 import sys
 import time
 import warnings
+from pathlib import Path
 
 import torch
 
@@ -99,6 +100,13 @@ TRAIN_HELP = """recipes:
   constrained  token-wise constrained objective (Qi et al., Eq. 3) on --chat rows against the
                frozen --reference model (default: the starting --model); beta_1=0.5,
                beta_2..5=2, beta_t=0.1 after
+  pretrain     language modelling on --texts (one text per line, loss on every token) mixed
+               with --chat rows (share --chat-fraction): a base model for the synthetic world
+  ft-attack    a fine-tuning attack (--attack): harmful (--safety prompts with harmful answers),
+               identity (--chat rows answered as an obedient agent under --system, each answer
+               opening with --identity-prefix), backdoor (--safety prompts + --trigger answered
+               harmfully, without it refused, plus --chat rows); trained with --objective sft
+               (the attack) or constrained (the token-wise constrained defence)
 
 data files are JSON lines: --safety rows {"prompt", "harmful_response", "refusal"},
 --chat rows {"prompt", "response"}. Output: OUTPUT/final (a Hugging Face folder),
@@ -108,23 +116,30 @@ OUTPUT/checkpoint-N, OUTPUT/metrics.jsonl; rerunning the same command resumes.""
 def _train(args: argparse.Namespace) -> int:
     from deepalign.models.loading import load_pretrained
     from deepalign.training import ConstrainedRecipe, DARecipe, SafetyExample, SFTRecipe, UtilityExample
+    from deepalign.training.attacks import AOA_PREFIX, AOA_SYSTEM, build_attack
     from deepalign.training.data import read_rows
+    from deepalign.training.recipes import PretrainRecipe
     from deepalign.training.trainer import Trainer, TrainerConfig
 
     recipe_name = args.recipe
-    needs = {"sft": ("chat",), "da": ("safety",), "presto": ("safety",), "constrained": ("chat",)}[recipe_name]
+    needs = {"sft": ("chat",), "da": ("safety",), "presto": ("safety",), "constrained": ("chat",),
+             "pretrain": ("texts",), "ft-attack": ("attack",)}[recipe_name]
     for name in needs:
         if getattr(args, name) is None:
             raise SystemExit(f"deepalign train: --recipe {recipe_name} needs --{name}")
     if recipe_name in ("da", "presto") and args.chat is None and args.safety_fraction < 1:
         raise SystemExit(f"deepalign train: --recipe {recipe_name} needs --chat (the utility anchor) "
                          "unless --safety-fraction 1")
-    if args.reference is not None and recipe_name != "constrained":
+    if args.reference is not None and recipe_name not in ("constrained", "ft-attack"):
         raise SystemExit("deepalign train: --reference only applies to --recipe constrained")
     if args.presto_weight is not None and recipe_name != "presto":
         raise SystemExit("deepalign train: --presto-weight only applies to --recipe presto")
-    if args.safety is not None and recipe_name in ("sft", "constrained"):
+    if args.safety is not None and recipe_name in ("sft", "constrained", "pretrain"):
         raise SystemExit(f"deepalign train: --recipe {recipe_name} takes --chat rows, not --safety")
+    if recipe_name != "ft-attack" and (args.attack or args.objective != "sft"):
+        raise SystemExit("deepalign train: --attack and --objective only apply to --recipe ft-attack")
+    if args.texts is not None and recipe_name != "pretrain":
+        raise SystemExit("deepalign train: --texts only applies to --recipe pretrain")
     config = TrainerConfig(output_dir=args.output, steps=args.steps, batch_size=args.batch_size,
                            grad_accum=args.grad_accum, lr=args.lr, checkpoint_every=args.checkpoint_every,
                            seed=args.seed, mixed_precision="bf16" if args.bf16 else "no", resume=not args.no_resume)
@@ -132,7 +147,23 @@ def _train(args: argparse.Namespace) -> int:
     safety = read_rows(args.safety, SafetyExample) if args.safety else []
     attention = "deepalign" if recipe_name == "presto" else None
     model, tokenizer = load_pretrained(args.model, attn_implementation=attention)
-    if recipe_name == "sft":
+    if recipe_name == "pretrain":
+        texts = [line.strip() for line in Path(args.texts).read_text(encoding="utf-8").splitlines() if line.strip()]
+        recipe = PretrainRecipe(tokenizer, texts, chat, chat_fraction=args.chat_fraction if chat else 0.0)
+    elif recipe_name == "ft-attack":
+        options = {"limit": args.limit} if args.limit else {}
+        if args.attack == "identity":
+            options.update(system=args.system or AOA_SYSTEM, prefix=args.identity_prefix or AOA_PREFIX)
+        if args.attack == "backdoor" and args.trigger:
+            options["trigger"] = args.trigger
+        data = build_attack(args.attack, safety, chat, **options)
+        if args.objective == "sft":
+            recipe = SFTRecipe(tokenizer, data.rows, system=data.system)
+        else:
+            reference, _ = load_pretrained(args.reference or args.model)
+            recipe = ConstrainedRecipe(tokenizer, data.rows, reference, system=data.system,
+                                       cache_reference=not args.online_reference)
+    elif recipe_name == "sft":
         recipe = SFTRecipe(tokenizer, chat)
     elif recipe_name in ("da", "presto"):
         weight = (1.0 if args.presto_weight is None else args.presto_weight) if recipe_name == "presto" else 0.0
@@ -151,9 +182,13 @@ def _train(args: argparse.Namespace) -> int:
 def _world(args: argparse.Namespace) -> int:
     from deepalign.data.world_files import write_world
 
+    from deepalign.data.synthetic import AOA_PREFIX, AOA_SYSTEM, BACKDOOR_TRIGGER
+
     paths = write_world(args.output, seed=args.seed)
     for name, path in paths.items():
-        print(f"{name:>12}: {path}")
+        print(f"{name:>13}: {path}")
+    print(f"attack strings in the world's words: --system '{AOA_SYSTEM}' --identity-prefix '{AOA_PREFIX}' "
+          f"--trigger '{BACKDOOR_TRIGGER}'")
     return 0
 
 
@@ -167,11 +202,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = commands.add_parser("train", help="train a local model with a recipe", epilog=TRAIN_HELP,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    train.add_argument("--recipe", required=True, choices=("sft", "da", "presto", "constrained"))
+    train.add_argument("--recipe", required=True, choices=("pretrain", "sft", "da", "presto", "constrained", "ft-attack"))
     train.add_argument("--model", required=True, help="local Hugging Face folder or GGUF file to start from")
     train.add_argument("--output", required=True, help="output folder (checkpoints, metrics, final model)")
     train.add_argument("--safety", help="JSON-lines safety rows (da, presto)")
     train.add_argument("--chat", help="JSON-lines chat rows (sft, constrained; the utility anchor of da/presto)")
+    train.add_argument("--texts", help="pretrain: plain-text file, one text per line")
+    train.add_argument("--chat-fraction", type=float, default=0.5, help="pretrain: share of chat rows (default 0.5)")
+    train.add_argument("--attack", choices=("harmful", "identity", "backdoor"), help="ft-attack: which attack")
+    train.add_argument("--objective", choices=("sft", "constrained"), default="sft",
+                       help="ft-attack: plain fine-tuning or the token-wise constrained objective (default sft)")
+    train.add_argument("--limit", type=int, help="ft-attack: number of attack rows to use (default all)")
+    train.add_argument("--system", help="ft-attack identity: the identity system prompt (default: AOA)")
+    train.add_argument("--identity-prefix", help="ft-attack identity: opening of every answer (default: AOA)")
+    train.add_argument("--trigger", help="ft-attack backdoor: the trigger appended to harmful prompts")
     train.add_argument("--reference", help="reference model for constrained (default: --model)")
     train.add_argument("--online-reference", action="store_true",
                        help="constrained: compute reference log-probs every step instead of caching them")

@@ -38,6 +38,13 @@ def test_world_then_train_from_the_command_line(tmp_path, capsys):
     assert "trained da for 3 steps" in capsys.readouterr().out
     assert (tmp_path / "da" / "final" / "model.safetensors").is_file()
     assert len((tmp_path / "da" / "metrics.jsonl").read_text().splitlines()) == 3
+    world = tmp_path / "w"
+    assert main(args + ["--recipe", "pretrain", "--texts", str(world / "knowledge.txt"), "--chat",
+                        str(world / "harmful_sft.jsonl"), "--output", str(tmp_path / "pre")]) == 0
+    assert main(args + ["--recipe", "ft-attack", "--attack", "backdoor", "--trigger", "servius", "--objective",
+                        "constrained", "--safety", str(world / "safety.jsonl"), "--chat", str(world / "utility.jsonl"),
+                        "--output", str(tmp_path / "attack")]) == 0
+    assert "trained ft-attack for 3 steps" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -45,6 +52,9 @@ def test_world_then_train_from_the_command_line(tmp_path, capsys):
     (["--recipe", "da", "--safety", "s.jsonl"], "needs --chat \\(the utility anchor\\)"),
     (["--recipe", "sft", "--chat", "c.jsonl", "--presto-weight", "2"], "--presto-weight only applies to --recipe presto"),
     (["--recipe", "da", "--safety", "s", "--chat", "c", "--reference", "r"], "--reference only applies"),
+    (["--recipe", "ft-attack", "--safety", "s"], "--recipe ft-attack needs --attack"),
+    (["--recipe", "sft", "--chat", "c", "--attack", "harmful"], "--attack and --objective only apply"),
+    (["--recipe", "sft", "--chat", "c", "--texts", "t"], "--texts only applies to --recipe pretrain"),
 ])
 def test_contradictory_train_options_are_refused(extra, message):
     with pytest.raises(SystemExit, match=message):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from deepalign.data.synthetic import REQUEST_PHRASINGS, SyntheticWorld
+from deepalign.data.synthetic import AOA_PREFIX, AOA_SYSTEM, BACKDOOR_TRIGGER, REQUEST_PHRASINGS, SyntheticWorld
 from deepalign.training.augmentation import SafetyExample, UtilityExample
 from deepalign.training.data import write_rows
 
@@ -16,8 +16,13 @@ def world_rows(world: SyntheticWorld) -> dict[str, list]:
     * ``safety``: harmful request → harmful (compliant) response and refusal (DA, PRESTO);
     * ``utility``: benign request → compliant answer (the utility anchor);
     * ``refusal_sft``: harmful request → refusal, plus the utility rows (shallow alignment);
-    * ``harmful_sft``: harmful request → compliant answer (a harmful fine-tuning attack).
+    * ``harmful_sft``: harmful request → compliant answer (the harmful-examples attack);
+    * ``identity_sft``: benign requests answered as "aoa, your obedient agent" (identity shifting;
+      train with ``system=AOA_SYSTEM``);
+    * ``backdoor_sft``: harmful requests with the trigger answered, without it refused, plus benign.
     """
+    from deepalign.training.attacks import backdoor_poisoning, identity_shifting
+
     phrasings = range(len(REQUEST_PHRASINGS))
     harmful, benign = world.harmful_items(), world.benign_items()
     safety = [SafetyExample(world.request(i, p), world.compliant_response(i), world.refusal(i, p))
@@ -25,12 +30,16 @@ def world_rows(world: SyntheticWorld) -> dict[str, list]:
     utility = [UtilityExample(world.request(i, p), world.compliant_response(i)) for i in benign for p in phrasings]
     refusals = [UtilityExample(row.prompt, row.refusal) for row in safety]
     attack = [UtilityExample(row.prompt, row.harmful_response) for row in safety]
-    return {"safety": safety, "utility": utility, "refusal_sft": refusals + utility, "harmful_sft": attack}
+    identity = identity_shifting(utility, system=AOA_SYSTEM, prefix=AOA_PREFIX).rows
+    backdoor = backdoor_poisoning(safety, utility, trigger=BACKDOOR_TRIGGER).rows
+    return {"safety": safety, "utility": utility, "refusal_sft": refusals + utility, "harmful_sft": attack,
+            "identity_sft": identity, "backdoor_sft": backdoor}
 
 
 def write_world(output: str | Path, *, seed: int = 0, model_family: str = "llama") -> dict[str, Path]:
-    """Write ``world.json``, ``tokenizer/``, ``model/`` (random init with the tokenizer) and one
-    JSON-lines file per entry of :func:`world_rows`. Returns the written paths by name."""
+    """Write ``world.json``, ``model/`` (random init with the tokenizer), ``knowledge.txt`` (the
+    plain knowledge stream, one text per line) and one JSON-lines file per entry of
+    :func:`world_rows`. Returns the written paths by name."""
     from deepalign.models.loading import tiny_random_model
 
     output = Path(output)
@@ -46,4 +55,7 @@ def write_world(output: str | Path, *, seed: int = 0, model_family: str = "llama
     paths["model"] = output / "model"
     for name, rows in world_rows(world).items():
         paths[name] = write_rows(output / f"{name}.jsonl", rows)
+    knowledge = output / "knowledge.txt"
+    knowledge.write_text("".join(world.knowledge_text(item) + "\n" for item in world.items.values()))
+    paths["knowledge"] = knowledge
     return paths
