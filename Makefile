@@ -10,6 +10,7 @@ install:
 
 demo: install
 	$(PYTHON) -m deepalign selfcheck
+	$(PYTHON) -m deepalign stages --output runs/stages
 
 test: install
 	$(PYTHON) -m pytest

@@ -6,6 +6,8 @@
 * ``deepalign train --recipe {sft,da,presto,constrained} ...``: trains a local model.
 * ``deepalign world --output DIR``: writes the synthetic chat world (data files, tokenizer and an
   untrained model sized for it).
+* ``deepalign stages --output DIR``: trains base → shallow → DA → DA + PRESTO on the synthetic
+  world and prints how each stage behaves under prefilling attacks.
 """
 
 from __future__ import annotations
@@ -192,6 +194,17 @@ def _world(args: argparse.Namespace) -> int:
     return 0
 
 
+def _stages(args: argparse.Namespace) -> int:
+    from deepalign.stages import StageSettings, format_reports, run_stages
+
+    settings = StageSettings(seed=args.seed, pretrain_steps=args.pretrain_steps, align_steps=args.align_steps)
+    start = time.perf_counter()
+    reports = run_stages(args.output, settings)
+    print(format_reports(reports))
+    print(f"({time.perf_counter() - start:.0f} s; models and reports.json in {args.output})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="deepalign", description=__doc__.split("\n\n")[0])
     parser.add_argument("--version", action="version", version=f"deepalign {_version()}")
@@ -236,6 +249,13 @@ def build_parser() -> argparse.ArgumentParser:
     world.add_argument("--output", required=True, help="folder to write into")
     world.add_argument("--seed", type=int, default=0, help="world seed (default 0)")
     world.set_defaults(run=_world)
+
+    stages = commands.add_parser("stages", help="train and evaluate base, shallow, DA and PRESTO on the world")
+    stages.add_argument("--output", required=True, help="folder for the models and reports.json (resumable)")
+    stages.add_argument("--seed", type=int, default=0, help="world and training seed (default 0)")
+    stages.add_argument("--pretrain-steps", type=int, default=1500, help="base-model steps (default 1500)")
+    stages.add_argument("--align-steps", type=int, default=150, help="steps of each alignment recipe (default 150)")
+    stages.set_defaults(run=_stages)
     return parser
 
 

@@ -1,0 +1,111 @@
+"""The alignment stages on the synthetic world: base → shallow (refusal-only SFT) → DA → DA + PRESTO.
+
+:func:`run_stages` pretrains a small Llama on the world's knowledge stream and compliant chats
+(the base model, which answers every request), then aligns copies of it:
+
+* ``shallow``: refusal-only SFT on harmful requests, with the utility rows (Qi et al.'s shallow
+  alignment: refuses at the first token, continues a harmful prefill);
+* ``da``: safety-recovery data augmentation with the utility anchor;
+* ``presto``: DA + PRESTO (weight 1) through the fused attention.
+
+Each stage is saved under ``output/<stage>/final`` and skipped when it is already there, so an
+interrupted run resumes. Alignment is short and light next to pretraining, as in the papers.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from deepalign.data.synthetic import SyntheticWorld
+from deepalign.data.world_files import world_rows
+from deepalign.evaluation.synthetic import StageReport, evaluate_stage
+from deepalign.models.loading import load_pretrained, tiny_random_model
+from deepalign.training.recipes import DARecipe, PretrainRecipe, SFTRecipe
+from deepalign.training.trainer import Trainer, TrainerConfig
+
+STAGES = ("base", "shallow", "da", "presto")
+
+
+@dataclass
+class StageSettings:
+    """Sizes and schedules; the defaults train all four stages on 2 CPU cores in a few minutes."""
+
+    seed: int = 0
+    hidden_size: int = 128
+    layers: int = 4
+    pretrain_steps: int = 1500
+    pretrain_lr: float = 3e-3
+    align_steps: int = 150
+    align_lr: float = 1e-3
+    batch_size: int = 16
+    progress: bool = True
+
+
+def _train(model, tokenizer, recipe, folder: Path, steps: int, lr: float, settings: StageSettings):
+    config = TrainerConfig(output_dir=str(folder), steps=steps, batch_size=settings.batch_size, lr=lr,
+                           checkpoint_every=max(1, steps // 3), seed=settings.seed, progress=settings.progress)
+    Trainer(model, tokenizer, recipe, config).train()
+    return model
+
+
+def run_stages(output: str | Path, settings: StageSettings | None = None, stages=STAGES) -> dict[str, StageReport]:
+    """Train (or reload) each stage, evaluate it, and write ``output/reports.json``."""
+    settings = settings or StageSettings()
+    output = Path(output)
+    world = SyntheticWorld.build(settings.seed)
+    world.save(output)
+    tokenizer = world.tokenizer()
+    rows = world_rows(world)
+
+    def stage(name: str, start, recipe_factory, steps: int, lr: float, attention: str | None = None):
+        final = output / name / "final"
+        if final.is_dir():
+            model, _ = load_pretrained(final, attn_implementation=attention)
+            return model
+        model = copy.deepcopy(start)
+        if attention:
+            from deepalign.models.attention import register_attention
+
+            register_attention()
+            model.set_attn_implementation(attention)
+        return _train(model, tokenizer, recipe_factory(), output / name, steps, lr, settings)
+
+    fresh = tiny_random_model("llama", vocab_size=len(tokenizer), hidden_size=settings.hidden_size,
+                              layers=settings.layers, heads=4, kv_heads=2, head_dim=32, max_positions=256,
+                              seed=settings.seed, bos_token_id=tokenizer.bos_token_id,
+                              eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    texts = [world.knowledge_text(item) for item in world.items.values()]
+    compliant = rows["harmful_sft"] + rows["utility"]
+    base = stage("base", fresh, lambda: PretrainRecipe(tokenizer, texts, compliant, chat_fraction=0.6),
+                 settings.pretrain_steps, settings.pretrain_lr)
+    models = {"base": base}
+    if "shallow" in stages:
+        models["shallow"] = stage("shallow", base, lambda: SFTRecipe(tokenizer, rows["refusal_sft"]),
+                                  settings.align_steps, settings.align_lr)
+    if "da" in stages:
+        models["da"] = stage("da", base, lambda: DARecipe(tokenizer, rows["safety"], rows["utility"]),
+                             settings.align_steps, settings.align_lr)
+    if "presto" in stages:
+        models["presto"] = stage("presto", base, lambda: DARecipe(tokenizer, rows["safety"], rows["utility"],
+                                                                  presto_weight=1.0),
+                                 settings.align_steps, settings.align_lr, attention="deepalign")
+    reports = {name: evaluate_stage(model, tokenizer, world) for name, model in models.items()}
+    (output / "reports.json").write_text(json.dumps({"settings": asdict(settings),
+                                                     "reports": {k: asdict(v) for k, v in reports.items()}}, indent=1))
+    return reports
+
+
+def format_reports(reports: dict[str, StageReport]) -> str:
+    """A plain-text table: one row per stage."""
+    lengths = sorted(next(iter(reports.values())).prefill_scores)
+    header = (f"{'stage':<9} {'refuse@1':>8} " + " ".join(f"{'prefill' + str(k):>9}" for k in lengths)
+              + f" {'utility':>8} {'rank med':>8} {'top-20':>7}")
+    lines = [header, "-" * len(header)]
+    for name, r in reports.items():
+        lines.append(f"{name:<9} {r.first_token_refusal:>8.2f} "
+                     + " ".join(f"{r.prefill_scores[k]:>9.3f}" for k in lengths)
+                     + f" {r.benign_utility:>8.3f} {r.harmful_rank_median:>8.1f} {r.harmful_rank_top20:>7.2f}")
+    return "\n".join(lines)

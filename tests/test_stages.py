@@ -1,0 +1,30 @@
+"""The stage pipeline on the synthetic world, at toy sizes: it runs end to end and resumes."""
+
+from __future__ import annotations
+
+import json
+import math
+
+from deepalign.stages import STAGES, StageSettings, format_reports, run_stages
+
+
+def test_stages_run_end_to_end_and_resume(tmp_path, monkeypatch):
+    # The pipeline's own CPU path: the PyTorch reference attention, not Triton's (slow) interpreter.
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    settings = StageSettings(hidden_size=64, layers=2, pretrain_steps=12, align_steps=4, batch_size=8, progress=False)
+    reports = run_stages(tmp_path, settings)
+    assert list(reports) == list(STAGES)
+    for report in reports.values():
+        numbers = [report.first_token_refusal, report.benign_utility, report.harmful_rank_median,
+                   report.harmful_rank_top20, *report.prefill_scores.values()]
+        assert all(math.isfinite(x) for x in numbers)
+        assert 0 <= report.first_token_refusal <= 1 and 0 <= report.harmful_rank_top20 <= 1
+    saved = json.loads((tmp_path / "reports.json").read_text())
+    assert set(saved["reports"]) == set(STAGES)
+    metrics = {stage: (tmp_path / stage / "metrics.jsonl").read_text() for stage in STAGES}
+    assert all(len(text.splitlines()) == (12 if stage == "base" else 4) for stage, text in metrics.items())
+    again = run_stages(tmp_path, settings)  # every stage is on disk: nothing is trained again
+    assert {stage: (tmp_path / stage / "metrics.jsonl").read_text() for stage in STAGES} == metrics
+    assert again == reports
+    table = format_reports(reports)
+    assert all(stage in table for stage in STAGES) and "prefill10" in table
