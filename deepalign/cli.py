@@ -112,7 +112,9 @@ TRAIN_HELP = """recipes:
 
 data files are JSON lines: --safety rows {"prompt", "harmful_response", "refusal"},
 --chat rows {"prompt", "response"}. Output: OUTPUT/final (a Hugging Face folder),
-OUTPUT/checkpoint-N, OUTPUT/metrics.jsonl; rerunning the same command resumes."""
+OUTPUT/checkpoint-N, OUTPUT/metrics.jsonl; rerunning the same command resumes.
+Many GPUs: accelerate launch --config_file configs/accelerate_fsdp_7b.yaml -m deepalign train ...
+(see docs/multi_gpu.md)."""
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -144,7 +146,8 @@ def _train(args: argparse.Namespace) -> int:
         raise SystemExit("deepalign train: --texts only applies to --recipe pretrain")
     config = TrainerConfig(output_dir=args.output, steps=args.steps, batch_size=args.batch_size,
                            grad_accum=args.grad_accum, lr=args.lr, checkpoint_every=args.checkpoint_every,
-                           seed=args.seed, mixed_precision="bf16" if args.bf16 else "no", resume=not args.no_resume)
+                           seed=args.seed, mixed_precision="bf16" if args.bf16 else "no", resume=not args.no_resume,
+                           lora_rank=args.lora_rank)
     chat = read_rows(args.chat, UtilityExample) if args.chat else []
     safety = read_rows(args.safety, SafetyExample) if args.safety else []
     attention = "deepalign" if recipe_name == "presto" else None
@@ -242,6 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--checkpoint-every", type=int, default=50, help="steps between checkpoints (default 50)")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--bf16", action="store_true", help="bf16 mixed precision (GPU)")
+    train.add_argument("--lora-rank", type=int, default=0,
+                       help="train LoRA adapters of this rank (peft) instead of all weights; merged into final/")
     train.add_argument("--no-resume", action="store_true", help="start over even if OUTPUT has checkpoints")
     train.set_defaults(run=_train)
 

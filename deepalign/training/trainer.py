@@ -8,7 +8,8 @@ Files in ``output_dir``:
 
 * ``metrics.jsonl``: one JSON line per optimizer step (step, every loss term, learning rate,
   seconds), appended as training goes;
-* ``checkpoint-<step>/``: a Hugging Face folder (safetensors weights, config, tokenizer) plus
+* ``checkpoint-<step>/``: a Hugging Face folder (safetensors weights, config, tokenizer; with LoRA,
+  the peft adapter instead of the weights) plus
   ``trainer_state.pt`` (optimizer, scheduler, torch RNG; loaded with ``weights_only=True``) and
   ``trainer_state.json`` (step, the data RNG); written under a temporary name, then renamed;
 * ``final/``: the trained model, a Hugging Face folder, written the same way.
@@ -54,6 +55,9 @@ class TrainerConfig:
     mixed_precision: str = "no"  # "bf16" on GPUs
     resume: bool = True
     progress: bool = True
+    lora_rank: int = 0  # > 0: train LoRA adapters (peft) instead of all weights
+    lora_alpha: float | None = None  # default 2 · rank
+    lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "grad_accum", "checkpoint_every"):
@@ -66,6 +70,8 @@ class TrainerConfig:
             raise ValueError(f"lr must be positive, got {self.lr}")
         if self.mixed_precision not in ("no", "bf16", "fp16"):
             raise ValueError(f"mixed_precision must be 'no', 'bf16' or 'fp16', got {self.mixed_precision!r}")
+        if isinstance(self.lora_rank, bool) or not isinstance(self.lora_rank, int) or self.lora_rank < 0:
+            raise ValueError(f"lora_rank must be a non-negative int, got {self.lora_rank!r}")
 
 
 class Trainer:
@@ -83,7 +89,11 @@ class Trainer:
             raise ValueError(f"{where} renders to {longest} tokens, longer than the model's context of {context}")
         self.output = Path(config.output_dir)
         self.accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=not torch.cuda.is_available())
-        optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        if config.lora_rank:
+            torch.manual_seed(config.seed)  # the adapters' random init is part of the run's seed
+            model = _with_lora(model, config)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self._lr_factor)
         self.model, self.optimizer, self.scheduler = self.accelerator.prepare(model, optimizer, scheduler)
         self.rng = random.Random(config.seed)
@@ -139,10 +149,14 @@ class Trainer:
     # ----- files --------------------------------------------------------------------------------
 
     def save_model(self, folder: Path) -> Path:
-        """Write the model and tokenizer as a Hugging Face folder, atomically."""
+        """Write the model and tokenizer as a Hugging Face folder, atomically (LoRA adapters are
+        merged into the weights; the run is over)."""
         tmp = folder.with_name(folder.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        self.accelerator.unwrap_model(self.model).save_pretrained(tmp, safe_serialization=True)
+        model = self.accelerator.unwrap_model(self.model)
+        if self.config.lora_rank:
+            model = model.merge_and_unload()
+        model.save_pretrained(tmp, safe_serialization=True)
         self.tokenizer.save_pretrained(tmp)
         return _replace_dir(tmp, folder)
 
@@ -170,12 +184,20 @@ class Trainer:
             raise ValueError(f"{checkpoint}: it was written by recipe {state.get('recipe')!r}, not {self.recipe.name!r}; "
                              "use another output_dir or resume=False")
         model = self.accelerator.unwrap_model(self.model)
-        weights = {}
-        for shard in sorted(checkpoint.glob("*.safetensors")):
-            weights.update(load_file(shard))
-        missing, unexpected = model.load_state_dict(weights, strict=False)
-        if unexpected or [m for m in missing if not _is_tied(model, m)]:
-            raise ValueError(f"{checkpoint}: weights do not match the model (missing {missing}, unexpected {unexpected})")
+        if self.config.lora_rank:
+            from peft import set_peft_model_state_dict
+
+            result = set_peft_model_state_dict(model, load_file(checkpoint / "adapter_model.safetensors"))
+            if result.unexpected_keys:
+                raise ValueError(f"{checkpoint}: adapter does not match the model ({result.unexpected_keys[:3]} …)")
+        else:
+            weights = {}
+            for shard in sorted(checkpoint.glob("*.safetensors")):
+                weights.update(load_file(shard))
+            missing, unexpected = model.load_state_dict(weights, strict=False)
+            if unexpected or [m for m in missing if not _is_tied(model, m)]:
+                raise ValueError(f"{checkpoint}: weights do not match the model (missing {missing}, "
+                                 f"unexpected {unexpected})")
         tensors = torch.load(checkpoint / STATE_TORCH, weights_only=True)
         self.optimizer.load_state_dict(tensors["optimizer"])
         self.scheduler.load_state_dict(tensors["scheduler"])
@@ -184,6 +206,19 @@ class Trainer:
         self.rng.setstate((version, tuple(rng_state), gauss))
         self.step = int(state["step"])
         _truncate_metrics(self.output / "metrics.jsonl", self.step)
+
+
+def _with_lora(model, config: TrainerConfig):
+    """Wrap ``model`` with LoRA adapters (rank ``lora_rank``, no dropout) on ``lora_targets``."""
+    from peft import LoraConfig, get_peft_model
+
+    present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    targets = [t for t in config.lora_targets if t in present]
+    if not targets:
+        raise ValueError(f"none of lora_targets {config.lora_targets} is a module of this model")
+    lora = LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha or 2 * config.lora_rank,
+                      target_modules=targets, lora_dropout=0.0, bias="none", task_type="CAUSAL_LM")
+    return get_peft_model(model, lora)
 
 
 def latest_checkpoint(output_dir: str | Path) -> Path | None:

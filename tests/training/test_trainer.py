@@ -165,3 +165,24 @@ def test_pretrain_recipe_supervises_every_text_token_and_mixes_chat(world, token
     assert history[-1]["loss"] < history[0]["loss"]
     with pytest.raises(ValueError, match="chat_fraction must be in"):
         PretrainRecipe(tokenizer, texts, chat_fraction=0.5)
+
+
+def test_lora_trains_adapters_only_resumes_and_merges(world, tokenizer, tmp_path):
+    recipe = lambda: DARecipe(tokenizer, safety_rows(world), utility_rows(world))  # noqa: E731
+    base = model_for(tokenizer)
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    lora = dict(lora_rank=4)
+    reference = Trainer(model_for(tokenizer), tokenizer, recipe(), config(tmp_path / "a", **lora)).train()
+    interrupted = Trainer(base, tokenizer, InterruptAfter(recipe(), 4), config(tmp_path / "b", **lora))
+    with pytest.raises(Interrupt):
+        interrupted.train()
+    frozen = {k.replace("base_layer.", ""): v for k, v in interrupted.model.base_model.model.state_dict().items()
+              if "lora_" not in k}
+    assert set(frozen) == set(before) and all(torch.equal(before[k], frozen[k]) for k in before)
+    assert (tmp_path / "b" / "checkpoint-3" / "adapter_model.safetensors").is_file()
+    resumed = Trainer(model_for(tokenizer), tokenizer, recipe(), config(tmp_path / "b", **lora)).train()
+    assert [row["loss"] for row in resumed] == [row["loss"] for row in reference]
+    merged, _ = load_pretrained(tmp_path / "b" / "final")
+    changed = [k for k, v in merged.state_dict().items() if not torch.equal(v, before[k])]
+    targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    assert changed and all(any(t in k for t in targets) for k in changed)
