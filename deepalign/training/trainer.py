@@ -1,8 +1,10 @@
 """The trainer: one loop for every recipe, on 🤗 accelerate.
 
 One process on a CPU; ``accelerate launch`` (with an FSDP or DeepSpeed config) on many GPUs.
-Each optimizer step draws ``grad_accum`` micro-batches of ``batch_size`` items from the recipe
-with the trainer's own ``random.Random``, so that the data sequence is a function of the seed.
+Each optimizer step draws ``grad_accum`` micro-batches of ``batch_size`` items per process from
+the recipe with the trainer's own ``random.Random``, so that the data sequence is a function of
+the seed. (Under several processes the optimizer state in checkpoints is the main process's; exact
+resume is tested on one process.)
 
 Files in ``output_dir``:
 
@@ -121,7 +123,7 @@ class Trainer:
             started = time.perf_counter()
             totals: dict[str, float] = {}
             for _ in range(self.config.grad_accum):
-                batch = make_batch(self.recipe.sample(self.rng, self.config.batch_size), self.tokenizer.pad_token_id)
+                batch = make_batch(self._local_items(), self.tokenizer.pad_token_id)
                 terms = self.recipe.loss_terms(self.model, batch)
                 self.accelerator.backward(terms["loss"] / self.config.grad_accum)
                 for name, value in terms.items():
@@ -136,8 +138,9 @@ class Trainer:
             row = {"step": self.step, **{k: round(v, 6) for k, v in totals.items()}, "lr": lr,
                    "seconds": round(time.perf_counter() - started, 4)}
             history.append(row)
-            with metrics_path.open("a", encoding="utf-8") as handle:
-                handle.write(json.dumps(row) + "\n")
+            if self.accelerator.is_main_process:
+                with metrics_path.open("a", encoding="utf-8") as handle:
+                    handle.write(json.dumps(row) + "\n")
             bar.set_postfix({k: f"{v:.4f}" for k, v in totals.items()})
             bar.update(1)
             if self.step % self.config.checkpoint_every == 0 or self.step == self.config.steps:
@@ -145,6 +148,22 @@ class Trainer:
         bar.close()
         self.save_model(self.output / "final")
         return history
+
+    def _local_items(self):
+        """This process's share of one global micro-batch. Every process draws the same global
+        batch from the same data RNG (so the RNG state, and a resume, is the same everywhere) and
+        keeps its own slice; with one process that is the whole batch."""
+        size, rank = self.config.batch_size, self.accelerator.process_index
+        items = self.recipe.sample(self.rng, size * self.accelerator.num_processes)
+        return items[rank * size:(rank + 1) * size]
+
+    def _write_pretrained(self, model, folder: Path) -> None:
+        """``save_pretrained`` with the full state dict gathered from every process (FSDP), written
+        by the main process only."""
+        state = self.accelerator.get_state_dict(self.model) if not self.config.lora_rank else None
+        if self.accelerator.is_main_process:
+            model.save_pretrained(folder, safe_serialization=True, state_dict=state)
+            self.tokenizer.save_pretrained(folder)
 
     # ----- files --------------------------------------------------------------------------------
 
@@ -156,22 +175,28 @@ class Trainer:
         model = self.accelerator.unwrap_model(self.model)
         if self.config.lora_rank:
             model = model.merge_and_unload()
-        model.save_pretrained(tmp, safe_serialization=True)
-        self.tokenizer.save_pretrained(tmp)
-        return _replace_dir(tmp, folder)
+        self._write_pretrained(model, tmp)
+        return self._publish(tmp, folder)
+
+    def _publish(self, tmp: Path, folder: Path) -> Path:
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            _replace_dir(tmp, folder)
+        self.accelerator.wait_for_everyone()
+        return folder
 
     def save_checkpoint(self) -> Path:
         folder = self.output / f"checkpoint-{self.step}"
         tmp = folder.with_name(folder.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        self.accelerator.unwrap_model(self.model).save_pretrained(tmp, safe_serialization=True)
-        self.tokenizer.save_pretrained(tmp)
-        torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                    "torch_rng": torch.get_rng_state()}, tmp / STATE_TORCH)
-        version, state, gauss = self.rng.getstate()
-        (tmp / STATE_JSON).write_text(json.dumps({"step": self.step, "data_rng": [version, list(state), gauss],
-                                                  "config": asdict(self.config), "recipe": self.recipe.name}))
-        return _replace_dir(tmp, folder)
+        self._write_pretrained(self.accelerator.unwrap_model(self.model), tmp)
+        if self.accelerator.is_main_process:
+            torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                        "torch_rng": torch.get_rng_state()}, tmp / STATE_TORCH)
+            version, state, gauss = self.rng.getstate()
+            (tmp / STATE_JSON).write_text(json.dumps({"step": self.step, "data_rng": [version, list(state), gauss],
+                                                      "config": asdict(self.config), "recipe": self.recipe.name}))
+        return self._publish(tmp, folder)
 
     def _resume(self) -> None:
         checkpoint = latest_checkpoint(self.output)
