@@ -28,3 +28,16 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="module")
+def world():
+    """The synthetic world of seed 0 (shared by data, training and evaluation tests)."""
+    from deepalign.data.synthetic import SyntheticWorld
+
+    return SyntheticWorld.build(0)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(world):
+    return world.tokenizer()

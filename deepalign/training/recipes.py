@@ -53,6 +53,14 @@ def _model_inputs(model, batch):
     return batch["input_ids"].to(device), batch["attention_mask"].to(device), batch["loss_mask"].to(device)
 
 
+def mean_nll_terms(model, batch) -> dict[str, torch.Tensor]:
+    """The mean NLL over the batch's supervised tokens, as ``{"loss", "nll"}``."""
+    ids, attention, loss_mask = _model_inputs(model, batch)
+    nll, count = token_nll(model(ids, attention_mask=attention).logits, ids, loss_mask)
+    loss = nll / max(count, 1)
+    return {"loss": loss, "nll": loss.detach()}
+
+
 def longest_row(items: Sequence[TrainingItem]) -> tuple[int, int]:
     """``(length, index)`` of the longest rendered item."""
     return max((len(item.spans), index) for index, item in enumerate(items))
@@ -94,10 +102,7 @@ class PretrainRecipe:
         return length, f"text {index + 1}"
 
     def loss_terms(self, model, batch) -> dict[str, torch.Tensor]:
-        ids, attention, loss_mask = _model_inputs(model, batch)
-        nll, count = token_nll(model(ids, attention_mask=attention).logits, ids, loss_mask)
-        loss = nll / max(count, 1)
-        return {"loss": loss, "nll": loss.detach()}
+        return mean_nll_terms(model, batch)
 
 
 class SFTRecipe:
@@ -120,10 +125,7 @@ class SFTRecipe:
         return length, f"chat row {index + 1}"
 
     def loss_terms(self, model, batch) -> dict[str, torch.Tensor]:
-        ids, attention, loss_mask = _model_inputs(model, batch)
-        nll, count = token_nll(model(ids, attention_mask=attention).logits, ids, loss_mask)
-        loss = nll / max(count, 1)
-        return {"loss": loss, "nll": loss.detach()}
+        return mean_nll_terms(model, batch)
 
 
 class DARecipe:
@@ -169,9 +171,7 @@ class DARecipe:
     def loss_terms(self, model, batch) -> dict[str, torch.Tensor]:
         ids, attention, loss_mask = _model_inputs(model, batch)
         if self.presto_weight == 0:
-            logits = model(ids, attention_mask=attention).logits
-            nll, count = token_nll(logits, ids, loss_mask)
-            return {"loss": nll / max(count, 1), "nll": (nll / max(count, 1)).detach()}
+            return mean_nll_terms(model, batch)
         if getattr(model.config, "_attn_implementation", None) != ATTENTION_NAME:
             raise ValueError(f"presto needs the model loaded with attn_implementation={ATTENTION_NAME!r} "
                              f"(got {model.config._attn_implementation!r})")

@@ -9,7 +9,6 @@ import random
 import pytest
 import torch
 
-from deepalign.data.synthetic import SyntheticWorld
 from deepalign.models.attention import collect_prefill_mass
 from deepalign.models.chat import collate
 from deepalign.models.loading import tiny_random_model
@@ -23,16 +22,6 @@ from deepalign.training.losses import (
     target_logprobs,
     token_nll,
 )
-
-
-@pytest.fixture(scope="module")
-def world():
-    return SyntheticWorld.build(0)
-
-
-@pytest.fixture(scope="module")
-def tokenizer(world):
-    return world.tokenizer()
 
 
 def safety_example(world, item_index=0):

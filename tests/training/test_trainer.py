@@ -7,22 +7,11 @@ import json
 import pytest
 import torch
 
-from deepalign.data.synthetic import SyntheticWorld
 from deepalign.models.loading import load_pretrained, tiny_random_model
 from deepalign.training.augmentation import SafetyExample, UtilityExample
 from deepalign.training.data import DataFileError, read_rows, write_rows
 from deepalign.training.recipes import ConstrainedRecipe, DARecipe, SFTRecipe
 from deepalign.training.trainer import Trainer, TrainerConfig, latest_checkpoint
-
-
-@pytest.fixture(scope="module")
-def world():
-    return SyntheticWorld.build(0)
-
-
-@pytest.fixture(scope="module")
-def tokenizer(world):
-    return world.tokenizer()
 
 
 def safety_rows(world):
