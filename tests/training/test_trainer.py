@@ -175,3 +175,11 @@ def test_lora_trains_adapters_only_resumes_and_merges(world, tokenizer, tmp_path
     changed = [k for k, v in merged.state_dict().items() if not torch.equal(v, before[k])]
     targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     assert changed and all(any(t in k for t in targets) for k in changed)
+
+
+def test_gradient_accumulation_averages_micro_batches(world, tokenizer, tmp_path):
+    """grad_accum = 2 with micro-batches of 2 logs the mean of both micro-batch losses and learns."""
+    recipe = SFTRecipe(tokenizer, utility_rows(world))
+    history = Trainer(model_for(tokenizer), tokenizer, recipe, config(tmp_path, batch_size=2, grad_accum=2,
+                                                                       steps=8)).train()
+    assert len(history) == 8 and history[-1]["loss"] < history[0]["loss"]
