@@ -178,7 +178,7 @@ def test_lora_trains_adapters_only_resumes_and_merges(world, tokenizer, tmp_path
 
 
 def test_gradient_accumulation_averages_micro_batches(world, tokenizer, tmp_path):
-    """grad_accum = 2 with micro-batches of 2 logs the mean of both micro-batch losses and learns."""
+    """grad_accum > 1 runs, logs one row per optimizer step, and learns."""
     recipe = SFTRecipe(tokenizer, utility_rows(world))
     history = Trainer(model_for(tokenizer), tokenizer, recipe, config(tmp_path, batch_size=2, grad_accum=2,
                                                                        steps=8)).train()
