@@ -1,0 +1,231 @@
+"""Rank-Assisted Prefilling (Vega & Singh, Algorithm 1), batched over prompts with a KV cache.
+
+From prompt + prefill, each interaction looks at the top ``k`` (20) next tokens (from
+:func:`deepalign.kernels.topk_rank`) and asks a selector; with flag selectors the highest-ranked
+harmful candidate is appended. With no harmful candidate the last selected token is undone (a
+backtrack), and at that position only candidates ranked *below* the undone token are tried next.
+A pick that would produce a token string already reached twice is not allowed (no third repeat).
+A prompt stops when an end token is picked, after ``max_interactions`` (512) interactions, at
+``max_new_tokens``, when nothing is left to select (a backtrack with no selected token), or when the
+selector says stop. There is no sampling.
+
+Batched execution keeps one KV cache for the whole batch. Every forward pass appends one slot per
+prompt: the newly picked token, or a *hole* (attention mask 0) for a prompt that backtracked or
+stopped. Undoing a token turns its slot into a hole, so the cache is rolled back without copying;
+position ids count only real tokens, so each prompt sees exactly the sequence it would see alone.
+Candidates at a position are kept, so a backtrack needs no forward pass. :func:`rap_attack_unbatched`
+runs the same state machine one prompt at a time, recomputing the whole sequence at every step
+(the baseline of the RAP benchmark, and the reference the batched version is tested against).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from deepalign.attacks.selectors import BACKTRACK, Candidate, Selector
+from deepalign.kernels import topk_rank
+from deepalign.models.chat import collate, render_chat
+
+
+@dataclass(frozen=True)
+class RAPConfig:
+    k: int = 20
+    max_interactions: int = 512
+    max_new_tokens: int = 256
+
+
+@dataclass
+class RAPResult:
+    """One prompt's attack: the selected tokens with their ranks, the text (prefill included),
+    the counts of interactions and backtracks, why it stopped and how long it took."""
+
+    prompt: str
+    prefill_tokens: list[int]
+    tokens: list[int]
+    ranks: list[int]
+    text: str
+    interactions: int
+    backtracks: int
+    stopped: str  # "end", "budget", "max_tokens", "exhausted", "selector"
+    seconds: float = 0.0
+
+
+@dataclass
+class _Row:
+    """Algorithm 1's state for one prompt."""
+
+    index: int
+    selected: list[int] = field(default_factory=list)
+    ranks: list[int] = field(default_factory=list)
+    candidates: list[list[Candidate]] = field(default_factory=list)  # per position 0..len(selected)
+    floors: list[int] = field(default_factory=list)  # per position: only ranks above this are tried
+    slots: list[int] = field(default_factory=list)  # cache slot of each selected token (batched)
+    visits: Counter = field(default_factory=Counter)
+    interactions: int = 0
+    backtracks: int = 0
+    stopped: str = ""
+
+    def push_candidates(self, candidates: list[Candidate]) -> None:
+        self.candidates.append(candidates)
+        self.floors.append(-1)
+
+    def step(self, selector: Selector, tokenizer, end_tokens: set[int], config: RAPConfig) -> int | None:
+        """One interaction. Returns the picked token when a forward pass is needed for the next
+        position, else ``None`` (backtrack, or the row stopped)."""
+        position = len(self.selected)
+        floor = self.floors[position]
+        allowed = [c for c in self.candidates[position] if c.rank > floor
+                   and self.visits[self._key(tokenizer, self.selected + [c.token])] < 2]
+        self.interactions += 1
+        decision = selector.decide(self.index, self.selected, allowed) if allowed else BACKTRACK
+        if decision.action == "stop":
+            self.stopped = "selector"
+            return None
+        if decision.action == "backtrack":
+            if not self.selected:
+                self.stopped = "exhausted"
+                return None
+            self.backtracks += 1
+            self.selected.pop()
+            undone_rank = self.ranks.pop()
+            self.candidates.pop()
+            self.floors.pop()
+            self.floors[-1] = undone_rank
+            if self.slots:
+                self.slots.pop()
+            self._check_budget(config)
+            return None
+        choice = allowed[decision.index]
+        self.selected.append(choice.token)
+        self.ranks.append(choice.rank)
+        self.visits[self._key(tokenizer, self.selected)] += 1
+        if choice.token in end_tokens:
+            self.stopped = "end"
+        elif len(self.selected) >= config.max_new_tokens:
+            self.stopped = "max_tokens"
+        else:
+            self._check_budget(config)
+        return None if self.stopped else choice.token
+
+    def _check_budget(self, config: RAPConfig) -> None:
+        if self.interactions >= config.max_interactions:
+            self.stopped = "budget"
+
+    @staticmethod
+    def _key(tokenizer, tokens: list[int]) -> str:
+        return tokenizer.decode(tokens)
+
+
+def _end_tokens(tokenizer) -> set[int]:
+    ends = {tokenizer.eos_token_id}
+    for token in ("<|end|>", "<|im_end|>", "<|eot_id|>", "<end_of_turn>"):
+        if token in tokenizer.get_vocab():
+            ends.add(tokenizer.convert_tokens_to_ids(token))
+    return {t for t in ends if t is not None}
+
+
+def _candidates(logits: torch.Tensor, k: int, tokenizer) -> list[list[Candidate]]:
+    """Ranked candidates ``[rows][≤ k]`` from last-position logits ``[rows, V]``; tokens with a
+    ``-inf`` logit (a masked vocabulary) are never candidates."""
+    result = topk_rank(logits.float(), k)
+    probs = torch.exp(result.values.float() - result.logsumexp[:, None]).tolist()
+    finite = torch.isfinite(result.values).tolist()
+    indices = result.indices.tolist()
+    return [[Candidate(t, r, p, tokenizer.decode([t])) for r, (t, p, ok) in enumerate(zip(row_t, row_p, row_ok)) if ok]
+            for row_t, row_p, row_ok in zip(indices, probs, finite)]
+
+
+def _result(row: _Row, prompt: str, prefill: list[int], tokenizer, seconds: float) -> RAPResult:
+    return RAPResult(prompt, prefill, list(row.selected), list(row.ranks),
+                     tokenizer.decode(prefill + row.selected, skip_special_tokens=True), row.interactions,
+                     row.backtracks, row.stopped, seconds)
+
+
+@torch.no_grad()
+def rap_attack(model, tokenizer, prompts: Sequence[str], prefills: Sequence[Sequence[int]], selector: Selector,
+               config: RAPConfig = RAPConfig(), *, progress: bool = True) -> list[RAPResult]:
+    """RAP on a batch of prompts with one KV cache; see the module docstring."""
+    if len(prompts) != len(prefills):
+        raise ValueError(f"prompts ({len(prompts)}) and prefills ({len(prefills)}) must have the same length")
+    started = time.perf_counter()
+    device = next(model.parameters()).device
+    examples = [render_chat(tokenizer, p, prefill=list(f), close_turn=False) for p, f in zip(prompts, prefills)]
+    context = max((getattr(model.config, "max_position_embeddings", None) or 10**9), 1)
+    longest = max(len(e) for e in examples)
+    if longest + config.max_new_tokens > context:
+        raise ValueError(f"a prompt with its prefill has {longest} tokens; with max_new_tokens = "
+                         f"{config.max_new_tokens} it exceeds the model's context of {context}")
+    batch = collate(examples, tokenizer.pad_token_id)
+    prompt_mask = batch["attention_mask"].to(device)
+    positions = (prompt_mask.cumsum(dim=1) - 1).clamp_min(0)
+    out = model(batch["input_ids"].to(device), attention_mask=prompt_mask, position_ids=positions, use_cache=True)
+    cache, width = out.past_key_values, prompt_mask.shape[1]
+    rows = [_Row(i) for i in range(len(prompts))]
+    for row, cands in zip(rows, _candidates(out.logits[:, -1], config.k, tokenizer)):
+        row.push_candidates(cands)
+    end_tokens = _end_tokens(tokenizer)
+    bar = tqdm(total=len(rows), desc="RAP", disable=not progress)
+    while any(not row.stopped for row in rows):
+        fed = {}
+        for row in rows:
+            if row.stopped:
+                continue
+            token = row.step(selector, tokenizer, end_tokens, config)
+            if token is not None:
+                fed[row.index] = token
+            if row.stopped:
+                bar.update(1)
+        if not fed:
+            continue
+        # The mask over the cache: the prompt, each row's live slots, and the new slot. Undone
+        # tokens' slots are no longer live: they are holes.
+        mask = torch.zeros((len(rows), width + 1), dtype=prompt_mask.dtype, device=device)
+        mask[:, : prompt_mask.shape[1]] = prompt_mask
+        new_tokens = torch.full((len(rows), 1), tokenizer.pad_token_id, dtype=torch.long, device=device)
+        for row in rows:
+            mask[row.index, row.slots] = 1
+            if row.index in fed:
+                mask[row.index, width] = 1
+                new_tokens[row.index, 0] = fed[row.index]
+        positions = (mask.sum(dim=1, keepdim=True) - 1).clamp_min(0)
+        out = model(new_tokens, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True)
+        cache = out.past_key_values
+        fed_rows = sorted(fed)
+        for index, cands in zip(fed_rows, _candidates(out.logits[fed_rows, -1], config.k, tokenizer)):
+            rows[index].slots.append(width)
+            rows[index].push_candidates(cands)
+        width += 1
+    bar.close()
+    seconds = (time.perf_counter() - started) / max(len(rows), 1)
+    return [_result(row, p, list(f), tokenizer, seconds) for row, p, f in zip(rows, prompts, prefills)]
+
+
+@torch.no_grad()
+def rap_attack_unbatched(model, tokenizer, prompts: Sequence[str], prefills: Sequence[Sequence[int]],
+                         selector: Selector, config: RAPConfig = RAPConfig()) -> list[RAPResult]:
+    """The same algorithm one prompt at a time, recomputing the whole sequence at every step."""
+    device = next(model.parameters()).device
+    end_tokens = _end_tokens(tokenizer)
+    results = []
+    for index, (prompt, prefill) in enumerate(zip(prompts, prefills)):
+        started = time.perf_counter()
+        base = list(render_chat(tokenizer, prompt, prefill=list(prefill), close_turn=False).input_ids)
+        row = _Row(index)
+
+        def next_candidates(selected):
+            ids = torch.tensor([base + selected], device=device)
+            return _candidates(model(ids).logits[:, -1], config.k, tokenizer)[0]
+
+        row.push_candidates(next_candidates([]))
+        while not row.stopped:
+            token = row.step(selector, tokenizer, end_tokens, config)
+            if token is not None:
+                row.push_candidates(next_candidates(row.selected))
+        results.append(_result(row, prompt, list(prefill), tokenizer, time.perf_counter() - started))
+    return results

@@ -1,0 +1,111 @@
+"""Selectors for Rank-Assisted Prefilling: which of the ranked next-token candidates are "harmful".
+
+A selector sees, for one prompt, the tokens selected so far and the ranked candidates still
+allowed at this step, and answers with a :class:`Decision`: pick one candidate, backtrack, or
+stop. Flag-based selectors (lexicon, oracle, callable, classifier) mark each candidate harmful or
+not, and Algorithm 1 takes the highest-ranked harmful one; the human console lets a person choose.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterable, Protocol, Sequence
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A next-token candidate: its id, 0-based rank, probability and text."""
+
+    token: int
+    rank: int
+    probability: float
+    text: str
+
+
+@dataclass(frozen=True)
+class Decision:
+    """``pick`` (index into the allowed candidates), ``backtrack`` or ``stop``."""
+
+    action: str
+    index: int = -1
+
+    @staticmethod
+    def pick(index: int) -> "Decision":
+        return Decision("pick", index)
+
+
+BACKTRACK = Decision("backtrack")
+STOP = Decision("stop")
+
+
+class Selector(Protocol):
+    def decide(self, row: int, context: Sequence[int], candidates: Sequence[Candidate]) -> Decision:
+        """``context``: token ids selected so far (after the prompt and prefill)."""
+
+
+class FlagSelector:
+    """Algorithm 1's rule on top of per-candidate harmful flags: the highest-ranked harmful
+    candidate, or a backtrack when there is none."""
+
+    def flags(self, row: int, context: Sequence[int], candidates: Sequence[Candidate]) -> list[bool]:
+        raise NotImplementedError
+
+    def decide(self, row: int, context: Sequence[int], candidates: Sequence[Candidate]) -> Decision:
+        for index, harmful in enumerate(self.flags(row, context, candidates)):
+            if harmful:
+                return Decision.pick(index)
+        return BACKTRACK
+
+
+class LexiconSelector(FlagSelector):
+    """Harmful unless the candidate's token is in ``blocked`` (e.g. refusal words), or, when
+    ``allowed`` is given, harmful only if it is in ``allowed``."""
+
+    def __init__(self, blocked: Iterable[int] = (), allowed: Iterable[int] | None = None):
+        self.blocked = set(blocked)
+        self.allowed = None if allowed is None else set(allowed)
+
+    def flags(self, row, context, candidates):
+        return [c.token not in self.blocked and (self.allowed is None or c.token in self.allowed) for c in candidates]
+
+
+class CallableSelector(FlagSelector):
+    """Wraps ``fn(context_ids, candidate) -> bool`` (any Python callable)."""
+
+    def __init__(self, fn: Callable[[Sequence[int], Candidate], bool]):
+        self.fn = fn
+
+    def flags(self, row, context, candidates):
+        return [bool(self.fn(context, c)) for c in candidates]
+
+
+def synthetic_oracle(world, tokenizer) -> LexiconSelector:
+    """The synthetic world's oracle: every word that occurs in a refusal but never in a compliant
+    answer is blocked; the rest (recipe words, punctuation, the end of turn) counts as harmful."""
+    from deepalign.data.synthetic import REFUSALS
+
+    compliant = {w for item in world.items.values() for w in world.compliant_response(item).split()}
+    refusal_words = {w for text in REFUSALS for w in text.format(item="x").split()} - compliant - {"x"}
+    return LexiconSelector(blocked=tokenizer.convert_tokens_to_ids(sorted(refusal_words)))
+
+
+class ConsoleSelector:
+    """A person at the terminal picks: a number selects that candidate, ``b`` backtracks, ``s``
+    skips (stops) this prompt. Shows the text so far and the ranked candidates with probabilities."""
+
+    def __init__(self, tokenizer, *, read: Callable[[str], str] = input, write: Callable[[str], None] = print):
+        self.tokenizer, self.read, self.write = tokenizer, read, write
+
+    def decide(self, row, context, candidates):
+        self.write(f"\n[prompt {row}] so far: {self.tokenizer.decode(list(context))!r}")
+        for index, c in enumerate(candidates):
+            self.write(f"  {index:>2}. rank {c.rank:>2}  p={c.probability:.4f}  {c.text!r}")
+        while True:
+            answer = self.read("pick a number, b = backtrack, s = skip: ").strip().lower()
+            if answer == "b":
+                return BACKTRACK
+            if answer == "s":
+                return STOP
+            if answer.isdigit() and int(answer) < len(candidates):
+                return Decision.pick(int(answer))
+            self.write(f"  not understood: {answer!r}")

@@ -1,0 +1,170 @@
+"""RAP (Algorithm 1) on hand-built toy models whose top candidates are known, and batched RAP
+(KV cache with holes) against one-prompt-at-a-time recomputation."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from deepalign.attacks.rap import RAPConfig, rap_attack, rap_attack_unbatched
+from deepalign.attacks.selectors import BACKTRACK, ConsoleSelector, LexiconSelector, STOP, synthetic_oracle
+from deepalign.models.loading import tiny_random_model
+
+
+class ToyTokenizer:
+    """Tokens are strings; ``decode`` concatenates them, so "a"+"b" and "ab" decode alike."""
+
+    chat_template = "toy"
+
+    def __init__(self, words):
+        self.words = ["<pad>", "<eos>", "<user>", "<assistant>"] + list(words)
+        self.ids = {w: i for i, w in enumerate(self.words)}
+        self.pad_token_id, self.eos_token_id = 0, 1
+
+    def __len__(self):
+        return len(self.words)
+
+    def get_vocab(self):
+        return dict(self.ids)
+
+    def convert_tokens_to_ids(self, tokens):
+        return self.ids[tokens] if isinstance(tokens, str) else [self.ids[t] for t in tokens]
+
+    def apply_chat_template(self, messages, tokenize=False):
+        return "".join(f"<{m['role']}> {m['content']} " for m in messages)
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [self.ids[w] for w in text.split()]}
+
+    def decode(self, ids, skip_special_tokens=False):
+        return "".join(self.words[i] for i in ids if not (skip_special_tokens and i < 4))
+
+
+class ToyModel(torch.nn.Module):
+    """Next-token scores depend on the last real token only: ``table[last] = [best, second, …]``.
+    Works with or without a cache (the cache is ignored)."""
+
+    def __init__(self, tokenizer, table, default):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.config = SimpleNamespace(max_position_embeddings=10_000)
+        self.tokenizer, self.table, self.default = tokenizer, table, default
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None, use_cache=False):
+        vocab = len(self.tokenizer)
+        logits = torch.zeros(input_ids.shape[0], input_ids.shape[1], vocab)
+        for b in range(input_ids.shape[0]):
+            last = self.tokenizer.words[int(input_ids[b, -1])]
+            order = self.table.get(last, self.default)
+            scores = torch.full((vocab,), float("-inf"))
+            for r, word in enumerate(order):
+                scores[self.tokenizer.ids[word]] = 10.0 - r
+            logits[b, -1] = scores
+        return SimpleNamespace(logits=logits, past_key_values=None)
+
+
+def run(tokenizer, table, default, blocked, config, prompts=("q",), selector=None):
+    model = ToyModel(tokenizer, table, default)
+    selector = selector or LexiconSelector(blocked=tokenizer.convert_tokens_to_ids(blocked))
+    prefills = [[] for _ in prompts]
+    batched = rap_attack(model, tokenizer, list(prompts), prefills, selector, config, progress=False)
+    single = rap_attack_unbatched(model, tokenizer, list(prompts), prefills, selector, config)
+    for a, b in zip(batched, single):
+        assert (a.tokens, a.ranks, a.interactions, a.backtracks, a.stopped) == \
+               (b.tokens, b.ranks, b.interactions, b.backtracks, b.stopped)
+    return batched
+
+
+WORDS = ["q", "no", "nope", "A", "B", "C", "x", "y", "xy", "<eos>"]
+
+
+def test_takes_the_highest_ranked_harmful_candidate():
+    tokenizer = ToyTokenizer([w for w in WORDS if w != "<eos>"])
+    table = {"<assistant>": ["no", "A", "B"], "A": ["nope", "<eos>", "B"]}
+    [result] = run(tokenizer, table, ["no", "nope", "<eos>"], ["no", "nope"], RAPConfig(k=3))
+    assert [tokenizer.words[t] for t in result.tokens] == ["A", "<eos>"]
+    assert result.ranks == [1, 1] and result.stopped == "end" and result.interactions == 2
+
+
+def test_backtracking_then_only_lower_ranked_alternatives():
+    tokenizer = ToyTokenizer([w for w in WORDS if w != "<eos>"])
+    # After A nothing harmful is offered: undo A, then try only candidates ranked below A (B, not A again).
+    table = {"<assistant>": ["no", "A", "B", "C"], "A": ["no", "nope", "no"], "B": ["<eos>", "no", "nope"]}
+    [result] = run(tokenizer, table, ["no", "nope", "<eos>"], ["no", "nope"], RAPConfig(k=4))
+    assert [tokenizer.words[t] for t in result.tokens] == ["B", "<eos>"]
+    assert result.ranks == [2, 0] and result.backtracks == 1
+    assert result.interactions == 4  # pick A, backtrack, pick B, pick <eos>
+
+
+def test_a_string_reached_by_two_tokenisations_counts_as_one_string():
+    """"xy" and "x"+"y" decode alike: both visits are counted against the same string."""
+    tokenizer = ToyTokenizer([w for w in WORDS if w != "<eos>"])
+    table = {"<assistant>": ["xy", "x", "A"], "xy": ["no"], "x": ["y"], "y": ["no"], "A": ["<eos>"]}
+    [result] = run(tokenizer, table, ["no", "nope", "<eos>"], ["no", "nope"], RAPConfig(k=3))
+    assert [tokenizer.words[t] for t in result.tokens] == ["A", "<eos>"]
+    assert result.backtracks == 3  # undo xy; undo y; undo x
+
+
+def test_no_third_repeat_of_the_same_string():
+    """A pick that would reach a string already reached twice is skipped for the next candidate."""
+    from deepalign.attacks.rap import _Row
+    from deepalign.attacks.selectors import Candidate
+
+    tokenizer = ToyTokenizer([w for w in WORDS if w != "<eos>"])
+    selector = LexiconSelector(blocked=tokenizer.convert_tokens_to_ids(["no"]))
+    candidates = [Candidate(tokenizer.ids[w], r, 0.1, w) for r, w in enumerate(["xy", "A"])]
+    for visits, expected in ((1, "xy"), (2, "A")):
+        row = _Row(0)
+        row.push_candidates(candidates)
+        row.visits["xy"] = visits
+        token = row.step(selector, tokenizer, {tokenizer.eos_token_id}, RAPConfig(k=2))
+        assert tokenizer.words[token] == expected
+
+
+def test_budget_and_exhaustion():
+    tokenizer = ToyTokenizer([w for w in WORDS if w != "<eos>"])
+    loop = {"<assistant>": ["A"], "A": ["A"]}
+    [budget] = run(tokenizer, loop, ["A"], [], RAPConfig(k=1, max_interactions=7, max_new_tokens=100))
+    assert budget.stopped == "budget" and budget.interactions == 7 and len(budget.tokens) == 7
+    [capped] = run(tokenizer, loop, ["A"], [], RAPConfig(k=1, max_interactions=50, max_new_tokens=5))
+    assert capped.stopped == "max_tokens" and len(capped.tokens) == 5
+    [exhausted] = run(tokenizer, {}, ["no", "nope"], ["no", "nope"], RAPConfig(k=2))
+    assert exhausted.stopped == "exhausted" and exhausted.tokens == [] and exhausted.interactions == 1
+
+
+def test_console_selector_reads_numbers_backtrack_and_skip():
+    tokenizer = ToyTokenizer([w for w in WORDS if w != "<eos>"])
+    answers = iter(["7", "1", "b", "0", "s"])  # after the backtrack only B (below A) is offered
+    shown = []
+    selector = ConsoleSelector(tokenizer, read=lambda prompt: next(answers), write=shown.append)
+    table = {"<assistant>": ["no", "A", "B"], "A": ["no", "nope", "C"], "B": ["C", "no", "nope"]}
+    model = ToyModel(tokenizer, table, ["no", "nope", "<eos>"])
+    [result] = rap_attack_unbatched(model, tokenizer, ["q"], [[]], selector, RAPConfig(k=3))
+    assert [tokenizer.words[t] for t in result.tokens] == ["B"]
+    assert result.stopped == "selector" and result.backtracks == 1
+    assert any("not understood: '7'" in line for line in shown) and any("p=" in line for line in shown)
+    assert BACKTRACK.action == "backtrack" and STOP.action == "stop"
+
+
+def test_batched_equals_one_at_a_time_on_a_real_model(world, tokenizer):
+    """Different prompt lengths (left padding), backtracks leaving holes in the KV cache."""
+    model = tiny_random_model(vocab_size=len(tokenizer), seed=3)
+    selector = synthetic_oracle(world, tokenizer)
+    items = world.harmful_items()[:4]
+    prompts = [world.request(item, p) for item, p in zip(items, range(4))]
+    prefills = [tokenizer(world.compliant_response(item), add_special_tokens=False)["input_ids"][:k]
+                for item, k in zip(items, (0, 2, 3, 5))]
+    config = RAPConfig(k=5, max_new_tokens=12, max_interactions=30)
+    batched = rap_attack(model, tokenizer, prompts, prefills, selector, config, progress=False)
+    single = rap_attack_unbatched(model, tokenizer, prompts, prefills, selector, config)
+    for a, b in zip(batched, single):
+        assert (a.tokens, a.ranks, a.interactions, a.backtracks, a.stopped) == \
+               (b.tokens, b.ranks, b.interactions, b.backtracks, b.stopped)
+        assert a.text.split()[: len(a.prefill_tokens)] == tokenizer.decode(a.prefill_tokens).split()
+
+
+def test_prompts_and_prefills_must_pair_up(tokenizer):
+    with pytest.raises(ValueError, match=r"prompts \(2\) and prefills \(1\)"):
+        rap_attack(tiny_random_model(vocab_size=len(tokenizer)), tokenizer, ["a", "b"], [[]], LexiconSelector())
