@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from deepalign.attacks.selectors import BACKTRACK, Candidate, Selector
 from deepalign.kernels import topk_rank
 from deepalign.models.chat import collate, render_chat
+from deepalign.models.generation import end_token_ids
 
 
 @dataclass(frozen=True)
@@ -123,11 +124,7 @@ class _Row:
 
 
 def _end_tokens(tokenizer) -> set[int]:
-    ends = {tokenizer.eos_token_id}
-    for token in ("<|end|>", "<|im_end|>", "<|eot_id|>", "<end_of_turn>"):
-        if token in tokenizer.get_vocab():
-            ends.add(tokenizer.convert_tokens_to_ids(token))
-    return {t for t in ends if t is not None}
+    return set(end_token_ids(tokenizer))
 
 
 def _candidates(logits: torch.Tensor, k: int, tokenizer) -> list[list[Candidate]]:

@@ -15,7 +15,8 @@ import torch
 
 from deepalign.analysis.ranks import sequence_target_ranks
 from deepalign.data.synthetic import Item, SyntheticWorld
-from deepalign.models.chat import collate, encode_text, render_chat
+from deepalign.models.chat import encode_text, render_chat
+from deepalign.models.generation import GREEDY, generate_after_prefill
 
 
 @dataclass(frozen=True)
@@ -29,26 +30,11 @@ class StageReport:
     harmful_rank_top20: float  # share of those ranks < 20
 
 
-@torch.no_grad()
 def greedy_continuations(model, tokenizer, prompts: Sequence[str], prefills: Sequence[Sequence[int]],
                          max_new_tokens: int = 40) -> list[str]:
     """Greedy decoding after each prompt and forced assistant prefill; returns the full assistant
     text (prefill + generation) up to the end-of-turn token."""
-    examples = [render_chat(tokenizer, p, prefill=list(f), close_turn=False) for p, f in zip(prompts, prefills)]
-    batch = collate(examples, tokenizer.pad_token_id)
-    device = next(model.parameters()).device
-    end_id = tokenizer.convert_tokens_to_ids("<|end|>") if "<|end|>" in tokenizer.get_vocab() else tokenizer.eos_token_id
-    out = model.generate(batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
-                         max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=end_id,
-                         pad_token_id=tokenizer.pad_token_id)
-    texts = []
-    width = batch["input_ids"].shape[1]
-    for row, example in enumerate(examples):
-        generated = out[row, width:].tolist()
-        if end_id in generated:
-            generated = generated[: generated.index(end_id)]
-        texts.append(tokenizer.decode(list(example.tokens("prefill")) + generated, skip_special_tokens=True))
-    return texts
+    return generate_after_prefill(model, tokenizer, prompts, prefills, GREEDY, max_new_tokens=max_new_tokens)
 
 
 def _requests(world: SyntheticWorld, items: Sequence[Item], phrasings: Sequence[int]):
