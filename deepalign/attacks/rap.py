@@ -67,7 +67,9 @@ class _Row:
     candidates: list[list[Candidate]] = field(default_factory=list)  # per position 0..len(selected)
     floors: list[int] = field(default_factory=list)  # per position: only ranks above this are tried
     slots: list[int] = field(default_factory=list)  # cache slot of each selected token (batched)
-    visits: Counter = field(default_factory=Counter)
+    visits: Counter = field(default_factory=Counter)  # token string → times reached
+    saturated: set = field(default_factory=set)  # strings reached twice
+    undone_slot: int | None = None  # cache slot freed by the last backtrack (batched)
     interactions: int = 0
     backtracks: int = 0
     stopped: str = ""
@@ -81,8 +83,9 @@ class _Row:
         position, else ``None`` (backtrack, or the row stopped)."""
         position = len(self.selected)
         floor = self.floors[position]
-        allowed = [c for c in self.candidates[position] if c.rank > floor
-                   and self.visits[self._key(tokenizer, self.selected + [c.token])] < 2]
+        allowed = [c for c in self.candidates[position] if c.rank > floor]
+        if self.saturated:  # some string was reached twice: a third visit is not allowed
+            allowed = [c for c in allowed if self._key(tokenizer, self.selected + [c.token]) not in self.saturated]
         self.interactions += 1
         decision = selector.decide(self.index, self.selected, allowed) if allowed else BACKTRACK
         if decision.action == "stop":
@@ -99,13 +102,16 @@ class _Row:
             self.floors.pop()
             self.floors[-1] = undone_rank
             if self.slots:
-                self.slots.pop()
+                self.undone_slot = self.slots.pop()
             self._check_budget(config)
             return None
         choice = allowed[decision.index]
         self.selected.append(choice.token)
         self.ranks.append(choice.rank)
-        self.visits[self._key(tokenizer, self.selected)] += 1
+        key = self._key(tokenizer, self.selected)
+        self.visits[key] += 1
+        if self.visits[key] >= 2:
+            self.saturated.add(key)
         if choice.token in end_tokens:
             self.stopped = "end"
         elif len(self.selected) >= config.max_new_tokens:
@@ -134,7 +140,7 @@ def _candidates(logits: torch.Tensor, k: int, tokenizer) -> list[list[Candidate]
     probs = torch.exp(result.values.float() - result.logsumexp[:, None]).tolist()
     finite = torch.isfinite(result.values).tolist()
     indices = result.indices.tolist()
-    return [[Candidate(t, r, p, tokenizer.decode([t])) for r, (t, p, ok) in enumerate(zip(row_t, row_p, row_ok)) if ok]
+    return [[Candidate(t, r, p) for r, (t, p, ok) in enumerate(zip(row_t, row_p, row_ok)) if ok]
             for row_t, row_p, row_ok in zip(indices, probs, finite)]
 
 
@@ -162,7 +168,7 @@ def rap_attack(model, tokenizer, prompts: Sequence[str], prefills: Sequence[Sequ
     prompt_mask = batch["attention_mask"].to(device)
     positions = (prompt_mask.cumsum(dim=1) - 1).clamp_min(0)
     out = model(batch["input_ids"].to(device), attention_mask=prompt_mask, position_ids=positions, use_cache=True)
-    cache, width = out.past_key_values, prompt_mask.shape[1]
+    cache, mask = out.past_key_values, prompt_mask.clone()
     rows = [_Row(i) for i in range(len(prompts))]
     for row, cands in zip(rows, _candidates(out.logits[:, -1], config.k, tokenizer)):
         row.push_candidates(cands)
@@ -174,30 +180,28 @@ def rap_attack(model, tokenizer, prompts: Sequence[str], prefills: Sequence[Sequ
             if row.stopped:
                 continue
             token = row.step(selector, tokenizer, end_tokens, config)
+            if row.undone_slot is not None:  # the undone token's slot becomes a hole
+                mask[row.index, row.undone_slot] = 0
+                row.undone_slot = None
             if token is not None:
                 fed[row.index] = token
             if row.stopped:
                 bar.update(1)
         if not fed:
             continue
-        # The mask over the cache: the prompt, each row's live slots, and the new slot. Undone
-        # tokens' slots are no longer live: they are holes.
-        mask = torch.zeros((len(rows), width + 1), dtype=prompt_mask.dtype, device=device)
-        mask[:, : prompt_mask.shape[1]] = prompt_mask
+        width = mask.shape[1]
         new_tokens = torch.full((len(rows), 1), tokenizer.pad_token_id, dtype=torch.long, device=device)
-        for row in rows:
-            mask[row.index, row.slots] = 1
-            if row.index in fed:
-                mask[row.index, width] = 1
-                new_tokens[row.index, 0] = fed[row.index]
+        new_column = torch.zeros((len(rows), 1), dtype=mask.dtype, device=device)
+        fed_rows = sorted(fed)
+        new_tokens[fed_rows, 0] = torch.tensor([fed[i] for i in fed_rows], device=device)
+        new_column[fed_rows, 0] = 1
+        mask = torch.cat([mask, new_column], dim=1)
         positions = (mask.sum(dim=1, keepdim=True) - 1).clamp_min(0)
         out = model(new_tokens, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True)
         cache = out.past_key_values
-        fed_rows = sorted(fed)
         for index, cands in zip(fed_rows, _candidates(out.logits[fed_rows, -1], config.k, tokenizer)):
             rows[index].slots.append(width)
             rows[index].push_candidates(cands)
-        width += 1
     bar.close()
     seconds = (time.perf_counter() - started) / max(len(rows), 1)
     return [_result(row, p, list(f), tokenizer, seconds) for row, p, f in zip(rows, prompts, prefills)]

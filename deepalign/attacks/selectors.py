@@ -14,12 +14,11 @@ from typing import Callable, Iterable, Protocol, Sequence
 
 @dataclass(frozen=True)
 class Candidate:
-    """A next-token candidate: its id, 0-based rank, probability and text."""
+    """A next-token candidate: its id, 0-based rank and probability (decode ``token`` for text)."""
 
     token: int
     rank: int
     probability: float
-    text: str
 
 
 @dataclass(frozen=True)
@@ -99,7 +98,7 @@ class ConsoleSelector:
     def decide(self, row, context, candidates):
         self.write(f"\n[prompt {row}] so far: {self.tokenizer.decode(list(context))!r}")
         for index, c in enumerate(candidates):
-            self.write(f"  {index:>2}. rank {c.rank:>2}  p={c.probability:.4f}  {c.text!r}")
+            self.write(f"  {index:>2}. rank {c.rank:>2}  p={c.probability:.4f}  {self.tokenizer.decode([c.token])!r}")
         while True:
             answer = self.read("pick a number, b = backtrack, s = skip: ").strip().lower()
             if answer == "b":

@@ -114,11 +114,13 @@ def test_no_third_repeat_of_the_same_string():
 
     tokenizer = ToyTokenizer([w for w in WORDS if w != "<eos>"])
     selector = LexiconSelector(blocked=tokenizer.convert_tokens_to_ids(["no"]))
-    candidates = [Candidate(tokenizer.ids[w], r, 0.1, w) for r, w in enumerate(["xy", "A"])]
+    candidates = [Candidate(tokenizer.ids[w], r, 0.1) for r, w in enumerate(["xy", "A"])]
     for visits, expected in ((1, "xy"), (2, "A")):
         row = _Row(0)
         row.push_candidates(candidates)
         row.visits["xy"] = visits
+        if visits >= 2:
+            row.saturated.add("xy")
         token = row.step(selector, tokenizer, {tokenizer.eos_token_id}, RAPConfig(k=2))
         assert tokenizer.words[token] == expected
 
