@@ -15,27 +15,16 @@ soon as it is done, so a rerun continues where it stopped.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
 from tqdm.auto import tqdm
 
 from deepalign.attacks.results import ResultLog
+from deepalign.data.benchmarks import AttackTarget
 from deepalign.models.chat import encode_text
 from deepalign.models.generation import GREEDY, Sampling, generate_after_prefill
 
 Judge = Callable[["AttackTarget", str], dict]
-
-
-@dataclass(frozen=True)
-class AttackTarget:
-    """A harmful prompt to attack: its id, text, a harmful response (the source of prefills) and
-    a category for per-category tables."""
-
-    id: str
-    prompt: str
-    harmful_response: str = ""
-    category: str = ""
 
 
 def decoding_settings() -> list[tuple[str, Sampling]]:
