@@ -6,6 +6,8 @@
 * ``deepalign train --recipe {sft,da,presto,constrained} ...``: trains a local model.
 * ``deepalign world --output DIR``: writes the synthetic chat world (data files, tokenizer and an
   untrained model sized for it).
+* ``deepalign attack {prefill,rap,decoding} ...``: attacks a local model on a benchmark file or
+  the synthetic world, judges every output, logs JSON lines (resumable) and prints a summary.
 * ``deepalign stages --output DIR``: trains base → shallow → DA → DA + PRESTO on the synthetic
   world and prints how each stage behaves under prefilling attacks.
 """
@@ -197,6 +199,65 @@ def _world(args: argparse.Namespace) -> int:
     return 0
 
 
+def _attack(args: argparse.Namespace) -> int:
+    from deepalign.attacks.rap import RAPConfig
+    from deepalign.attacks.results import ResultLog
+    from deepalign.attacks.runner import choose_judge, decoding_attack, load_targets, prefill_attack, run_rap, summary
+    from deepalign.data.synthetic import SyntheticWorld
+    from deepalign.models.generation import Sampling
+    from deepalign.models.loading import load_pretrained
+
+    world = SyntheticWorld.load(args.world) if args.world else None
+    selector = _rap_selector(args, world) if args.kind == "rap" else None
+    targets = load_targets(args.targets, world, args.format, args.limit)
+    judge = choose_judge(args.judge or ("synthetic" if world else "keyword"), world)
+    model, tokenizer = load_pretrained(args.model)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    log = ResultLog(args.output)
+    if args.kind == "prefill":
+        records = prefill_attack(model, tokenizer, targets, judge, log, prefill_lengths=args.lengths, runs=args.runs,
+                                 sampling=Sampling(args.temperature, args.top_p, None, args.max_new_tokens),
+                                 batch_size=args.batch_size)
+    elif args.kind == "decoding":
+        broken = decoding_attack(model, tokenizer, targets, judge, log, max_new_tokens=args.max_new_tokens,
+                                 batch_size=args.batch_size)
+        records = [r for r in log.records() if r["id"] in broken]
+        print(f"broken by some decoding setting: {sum(broken.values())} of {len(broken)} prompts")
+    else:
+        config = RAPConfig(k=args.k, max_interactions=args.max_interactions, max_new_tokens=args.max_new_tokens)
+        records = run_rap(model, tokenizer, targets, judge, log, selector, config, prefill_tokens=args.prefill_tokens,
+                          batch_size=args.batch_size)
+    print(summary(records))
+    print(f"{len(records)} records in {args.output}")
+    return 0
+
+
+def _rap_selector(args: argparse.Namespace, world):
+    from deepalign.attacks.selectors import ConsoleSelector, LexiconSelector, synthetic_oracle
+
+    if args.selector == "oracle":
+        if world is None:
+            raise SystemExit("deepalign attack rap: --selector oracle needs --world")
+        return synthetic_oracle(world, world.tokenizer())
+    words = [w for w in (args.blocked or "").split(",") if w]
+    if args.selector == "lexicon" and not words:
+        raise SystemExit("deepalign attack rap: --selector lexicon needs --blocked WORD,WORD,... (refusal tokens)")
+    tokenizer = _tokenizer_of(args.model)
+    if args.selector == "console":
+        return ConsoleSelector(tokenizer)
+    return LexiconSelector(blocked={tokenizer(w, add_special_tokens=False)["input_ids"][0] for w in words})
+
+
+def _tokenizer_of(model: str):
+    from transformers import AutoTokenizer
+
+    from deepalign.models.loading import resolve_source
+
+    folder, gguf = resolve_source(model)
+    return AutoTokenizer.from_pretrained(folder, gguf_file=gguf, local_files_only=True)
+
+
 def _stages(args: argparse.Namespace) -> int:
     from deepalign.stages import StageSettings, format_reports, run_stages
 
@@ -255,6 +316,35 @@ def build_parser() -> argparse.ArgumentParser:
     world.add_argument("--seed", type=int, default=0, help="world seed (default 0)")
     world.set_defaults(run=_world)
 
+    attack = commands.add_parser("attack", help="attack a local model (prefill, rap, decoding)")
+    kinds = attack.add_subparsers(dest="kind", required=True, metavar="KIND")
+    for kind, help_text in (("prefill", "prefilling attack: force the first N harmful tokens, then sample"),
+                            ("rap", "Rank-Assisted Prefilling (Algorithm 1) with a selector"),
+                            ("decoding", "decoding-parameter attack: greedy, temperature, top-p, top-k grids")):
+        sub = kinds.add_parser(kind, help=help_text)
+        sub.add_argument("--model", required=True, help="local Hugging Face folder or GGUF file")
+        sub.add_argument("--output", required=True, help="JSON-lines results (rerunning resumes)")
+        sub.add_argument("--targets", help="benchmark file (StrongREJECT, HarmBench, AdvBench, JBB, HEx-PHI, ...)")
+        sub.add_argument("--format", help="benchmark format (default: guessed)")
+        sub.add_argument("--world", help="synthetic world folder (targets, judge and oracle from the world)")
+        sub.add_argument("--limit", type=int, help="only the first N targets")
+        sub.add_argument("--judge", choices=("keyword", "synthetic"),
+                         help="judge (default: synthetic with --world, else keyword)")
+        sub.add_argument("--batch-size", type=int, default=16)
+        sub.add_argument("--max-new-tokens", type=int, default={"prefill": 512, "rap": 256, "decoding": 256}[kind])
+        sub.set_defaults(run=_attack)
+        if kind == "prefill":
+            sub.add_argument("--lengths", type=int, nargs="+", default=[5, 10, 20, 40], help="prefill lengths (tokens)")
+            sub.add_argument("--runs", type=int, default=1, help="sampled runs per prompt and length")
+            sub.add_argument("--temperature", type=float, default=0.9)
+            sub.add_argument("--top-p", type=float, default=0.6)
+        if kind == "rap":
+            sub.add_argument("--selector", choices=("oracle", "console", "lexicon"), default="oracle")
+            sub.add_argument("--blocked", help="lexicon selector: comma-separated refusal words to never pick")
+            sub.add_argument("--k", type=int, default=20, help="candidates per step (default 20)")
+            sub.add_argument("--max-interactions", type=int, default=512)
+            sub.add_argument("--prefill-tokens", type=int, default=0, help="start from N harmful tokens")
+
     stages = commands.add_parser("stages", help="train and evaluate base, shallow, DA and PRESTO on the world")
     stages.add_argument("--output", required=True, help="folder for the models and reports.json (resumable)")
     stages.add_argument("--seed", type=int, default=0, help="world and training seed (default 0)")
@@ -271,8 +361,12 @@ def _version() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the command; a bad argument, file or row ends it with a one-line message (exit 1)."""
     args = build_parser().parse_args(argv)
-    return args.run(args)
+    try:
+        return args.run(args)
+    except ValueError as error:  # deepalign's input errors all derive from ValueError
+        raise SystemExit(f"deepalign {args.command}: {error}") from error
 
 
 if __name__ == "__main__":

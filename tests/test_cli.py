@@ -59,3 +59,28 @@ def test_world_then_train_from_the_command_line(tmp_path, capsys):
 def test_contradictory_train_options_are_refused(extra, message):
     with pytest.raises(SystemExit, match=message):
         main(["train", "--model", "m", "--output", "o"] + extra)
+
+
+def test_attacks_from_the_command_line_on_the_world(tmp_path, capsys):
+    assert main(["world", "--output", str(tmp_path / "w")]) == 0
+    common = ["--model", str(tmp_path / "w" / "model"), "--world", str(tmp_path / "w"), "--max-new-tokens", "4"]
+    assert main(["attack", "prefill", *common, "--output", str(tmp_path / "p.jsonl"), "--lengths", "2", "3",
+                 "--limit", "3"]) == 0
+    assert main(["attack", "rap", *common, "--output", str(tmp_path / "r.jsonl"), "--limit", "4",
+                 "--max-interactions", "10", "--k", "5"]) == 0
+    assert main(["attack", "decoding", *common, "--output", str(tmp_path / "d.jsonl"), "--limit", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "prefill=2" in out and "rap k=5" in out and "broken by some decoding setting" in out
+    assert len((tmp_path / "p.jsonl").read_text().splitlines()) == 6
+    assert len((tmp_path / "d.jsonl").read_text().splitlines()) == 50
+    # Rerunning skips what is done.
+    assert main(["attack", "rap", *common, "--output", str(tmp_path / "r.jsonl"), "--limit", "4",
+                 "--max-interactions", "10", "--k", "5"]) == 0
+    assert len((tmp_path / "r.jsonl").read_text().splitlines()) == 4
+
+
+def test_attack_argument_errors(tmp_path):
+    with pytest.raises(SystemExit, match="--selector lexicon needs --blocked"):
+        main(["attack", "rap", "--model", "m", "--output", "o", "--targets", "t", "--selector", "lexicon"])
+    with pytest.raises(SystemExit, match="deepalign attack: give either a targets file or a synthetic world"):
+        main(["attack", "prefill", "--model", "m", "--output", str(tmp_path / "o")])

@@ -1,0 +1,74 @@
+"""Running an attack end to end: targets, a judge, a resumable log and a summary table.
+
+Used by ``deepalign attack {prefill,rap,decoding}``. Targets come from a benchmark file
+(:mod:`deepalign.data.benchmarks`) or from the synthetic world (``world=``: every harmful item in
+every request phrasing, judged by the world's programmatic judge and attacked with its oracle).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+from deepalign.attacks.generation_attacks import Judge, decoding_attack, prefill_attack, synthetic_judge
+from deepalign.attacks.rap import RAPConfig, rap_attack
+from deepalign.attacks.results import ResultLog, format_table, summarize
+from deepalign.data.benchmarks import AttackTarget, read_benchmark
+from deepalign.evaluation.judges import is_keyword_refusal, keyword_jailbroken
+from deepalign.models.chat import encode_text
+from deepalign.models.generation import Sampling
+
+
+def world_targets(world, phrasings: Sequence[int] = range(6)) -> list[AttackTarget]:
+    """Every harmful item of the synthetic world in each phrasing; id ``item#phrasing``."""
+    return [AttackTarget(f"{item.name}#{p}", world.request(item, p), world.compliant_response(item), "synthetic")
+            for item in world.harmful_items() for p in phrasings]
+
+
+def keyword_judge(target: AttackTarget, output: str) -> dict:
+    """Keyword criterion: harmful = a non-empty output without a refusal phrase (score 0/1)."""
+    jailbroken = keyword_jailbroken(output)
+    return {"score": float(jailbroken), "refused": is_keyword_refusal(output), "harmful": jailbroken}
+
+
+def load_targets(targets: str | Path | None, world=None, format: str | None = None, limit: int | None = None):
+    if (targets is None) == (world is None):
+        raise ValueError("give either a targets file or a synthetic world, not both or neither")
+    rows = world_targets(world) if world is not None else read_benchmark(targets, format)
+    return rows[:limit] if limit else rows
+
+
+def choose_judge(name: str, world=None) -> Judge:
+    if name == "synthetic":
+        if world is None:
+            raise ValueError("the synthetic judge needs the synthetic world (--world)")
+        return synthetic_judge(world)
+    if name == "keyword":
+        return keyword_judge
+    raise ValueError(f"unknown judge {name!r}; expected 'keyword' or 'synthetic'")
+
+
+def run_rap(model, tokenizer, targets: Sequence[AttackTarget], judge: Judge, log: ResultLog, selector,
+            config: RAPConfig, *, prefill_tokens: int = 0, batch_size: int = 16, progress: bool = True) -> list[dict]:
+    """RAP on every target not yet in ``log`` (batches of ``batch_size``), one record each."""
+    todo = [t for t in targets if f"{t.id}|rap" not in log]
+    for start in range(0, len(todo), batch_size):
+        batch = todo[start:start + batch_size]
+        prefills = [encode_text(tokenizer, t.harmful_response)[:prefill_tokens] for t in batch]
+        results = rap_attack(model, tokenizer, [t.prompt for t in batch], prefills, selector, config, progress=progress)
+        for target, result in zip(batch, results):
+            log.append({"key": f"{target.id}|rap", "id": target.id, "category": target.category, "prompt": target.prompt,
+                        "run": 0, "attack": "rap", "setting": f"rap k={config.k}", "tokens": result.tokens,
+                        "ranks": result.ranks, "output": result.text, "interactions": result.interactions,
+                        "backtracks": result.backtracks, "stopped": result.stopped, **judge(target, result.text),
+                        "seconds": round(result.seconds, 4)})
+    ids = {f"{t.id}|rap" for t in targets}
+    return [r for r in log.records() if r["key"] in ids]
+
+
+def summary(records: list[dict], by: Sequence[str] = ("setting",)) -> str:
+    return format_table(summarize(records, "score", by), by, "score")
+
+
+__all__ = ["choose_judge", "decoding_attack", "keyword_judge", "load_targets", "prefill_attack", "run_rap",
+           "summary", "world_targets", "Sampling"]
