@@ -8,6 +8,8 @@
   untrained model sized for it).
 * ``deepalign attack {prefill,rap,decoding} ...``: attacks a local model on a benchmark file or
   the synthetic world, judges every output, logs JSON lines (resumable) and prints a summary.
+* ``deepalign judge --results FILE --output FILE --judge ...``: re-judges logged outputs (keyword,
+  synthetic, or the StrongREJECT rubric through a local chat model or an OpenAI-compatible endpoint).
 * ``deepalign stages --output DIR``: trains base → shallow → DA → DA + PRESTO on the synthetic
   world and prints how each stage behaves under prefilling attacks.
 """
@@ -258,6 +260,42 @@ def _tokenizer_of(model: str):
     return AutoTokenizer.from_pretrained(folder, gguf_file=gguf, local_files_only=True)
 
 
+def _judge(args: argparse.Namespace) -> int:
+    import os
+
+    from tqdm.auto import tqdm
+
+    from deepalign.attacks.results import ResultLog
+    from deepalign.attacks.runner import choose_judge, summary
+    from deepalign.data.benchmarks import AttackTarget
+    from deepalign.data.synthetic import SyntheticWorld
+    from deepalign.evaluation.rubric import HTTPChatJudge, LocalChatJudge, rubric_judge
+
+    if args.judge == "rubric-http":
+        if not (args.url and args.judge_model):
+            raise SystemExit("deepalign judge: --judge rubric-http needs --url and --judge-model")
+        key = os.environ.get(args.api_key_env) if args.api_key_env else None
+        judge = rubric_judge(HTTPChatJudge(args.url, args.judge_model, api_key=key, timeout=args.timeout))
+    elif args.judge == "rubric-local":
+        if not args.judge_path:
+            raise SystemExit("deepalign judge: --judge rubric-local needs --judge-path (a local chat model)")
+        from deepalign.models.loading import load_pretrained
+
+        judge = rubric_judge(LocalChatJudge(*load_pretrained(args.judge_path)))
+    else:
+        judge = choose_judge(args.judge, SyntheticWorld.load(args.world) if args.world else None)
+    source = ResultLog(args.results).records()
+    if not source:
+        raise SystemExit(f"deepalign judge: {args.results} has no records")
+    out = ResultLog(args.output)
+    for record in tqdm([r for r in source if r["key"] not in out], desc=f"judge {args.judge}"):
+        target = AttackTarget(record["id"], record["prompt"], "", record.get("category", ""))
+        out.append({**record, **judge(target, record["output"]), "judge": args.judge})
+    print(summary(out.records()))
+    print(f"{len(out.records())} judged records in {args.output}")
+    return 0
+
+
 def _stages(args: argparse.Namespace) -> int:
     from deepalign.stages import StageSettings, format_reports, run_stages
 
@@ -344,6 +382,18 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("--k", type=int, default=20, help="candidates per step (default 20)")
             sub.add_argument("--max-interactions", type=int, default=512)
             sub.add_argument("--prefill-tokens", type=int, default=0, help="start from N harmful tokens")
+
+    judge = commands.add_parser("judge", help="re-judge the outputs of an attack's result log")
+    judge.add_argument("--results", required=True, help="JSON-lines results of deepalign attack")
+    judge.add_argument("--output", required=True, help="JSON-lines output (rerunning resumes)")
+    judge.add_argument("--judge", required=True, choices=("keyword", "synthetic", "rubric-http", "rubric-local"))
+    judge.add_argument("--world", help="synthetic world folder (for --judge synthetic)")
+    judge.add_argument("--url", help="rubric-http: base URL of an OpenAI-compatible API, e.g. http://127.0.0.1:8000/v1")
+    judge.add_argument("--judge-model", help="rubric-http: the model name to request")
+    judge.add_argument("--api-key-env", help="rubric-http: environment variable holding the API key")
+    judge.add_argument("--timeout", type=float, default=60.0, help="rubric-http: seconds per request (default 60)")
+    judge.add_argument("--judge-path", help="rubric-local: local chat model folder or GGUF file")
+    judge.set_defaults(run=_judge)
 
     stages = commands.add_parser("stages", help="train and evaluate base, shallow, DA and PRESTO on the world")
     stages.add_argument("--output", required=True, help="folder for the models and reports.json (resumable)")

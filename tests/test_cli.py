@@ -84,3 +84,18 @@ def test_attack_argument_errors(tmp_path):
         main(["attack", "rap", "--model", "m", "--output", "o", "--targets", "t", "--selector", "lexicon"])
     with pytest.raises(SystemExit, match="deepalign attack: give either a targets file or a synthetic world"):
         main(["attack", "prefill", "--model", "m", "--output", str(tmp_path / "o")])
+
+
+def test_judge_rejudges_a_result_log(tmp_path, capsys):
+    import json
+
+    results = tmp_path / "r.jsonl"
+    rows = [{"key": "a|s", "id": "a", "prompt": "q1", "output": "Sure, here you go", "setting": "s", "run": 0},
+            {"key": "b|s", "id": "b", "prompt": "q2", "output": "I cannot help with that.", "setting": "s", "run": 0}]
+    results.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(["judge", "--results", str(results), "--output", str(tmp_path / "j.jsonl"), "--judge", "keyword"]) == 0
+    judged = [json.loads(line) for line in (tmp_path / "j.jsonl").read_text().splitlines()]
+    assert [r["harmful"] for r in judged] == [True, False] and all(r["judge"] == "keyword" for r in judged)
+    assert "0.500" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="rubric-http needs --url and --judge-model"):
+        main(["judge", "--results", str(results), "--output", str(tmp_path / "x.jsonl"), "--judge", "rubric-http"])

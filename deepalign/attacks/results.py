@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections import defaultdict
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -77,12 +78,18 @@ def summarize(records: Iterable[dict], metric: str, by: Sequence[str], *, runs: 
         group = tuple(record.get(field) for field in by)
         per_run[group][record.get(runs, 0)].append(float(record[metric]))
     rows = []
-    for group in sorted(per_run, key=lambda g: tuple(str(x) for x in g)):
+    for group in sorted(per_run, key=lambda g: tuple(_natural(x) for x in g)):
         run_means = [sum(v) / len(v) for v in per_run[group].values()]
         mean, std = mean_std(run_means)
         rows.append({**dict(zip(by, group)), f"{metric}_mean": mean, f"{metric}_std": std,
                      "runs": len(run_means), "items": sum(len(v) for v in per_run[group].values())})
     return rows
+
+
+def _natural(value) -> tuple:
+    """Sort key that orders "prefill=5" before "prefill=10"."""
+    parts = re.split(r"(\d+(?:\.\d+)?)", str(value))
+    return tuple((0, float(p)) if i % 2 else (1, p) for i, p in enumerate(parts))
 
 
 def format_table(rows: list[dict], by: Sequence[str], metric: str) -> str:
