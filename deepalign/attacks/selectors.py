@@ -78,6 +78,50 @@ class CallableSelector(FlagSelector):
         return [bool(self.fn(context, c)) for c in candidates]
 
 
+class ClassifierSelector(FlagSelector):
+    """A local Hugging Face classifier decides: each candidate is appended to the text selected so
+    far (after the prompt's prefill, decoded with the attacked model's tokenizer) and classified.
+
+    ``kind="sequence"``: a sequence-classification model scores the whole text; ``kind="token"``:
+    a token-classification model scores its last token. ``harmful_labels``: the label names (from
+    the model's ``id2label``) or ids that mean "harmful" (AutoRAP's classifier marks refusal tokens,
+    so pass its non-refusal label). A candidate is harmful when the probability of those labels is
+    at least ``threshold``."""
+
+    def __init__(self, model, tokenizer, attacked_tokenizer, harmful_labels, *, kind: str = "sequence",
+                 threshold: float = 0.5, prefix: str = ""):
+        if kind not in ("sequence", "token"):
+            raise ValueError(f"kind must be 'sequence' or 'token', got {kind!r}")
+        labels = getattr(model.config, "id2label", {}) or {}
+        by_name = {str(name): int(index) for index, name in labels.items()}
+        self.label_ids = []
+        for label in harmful_labels:
+            if isinstance(label, int):
+                self.label_ids.append(label)
+            elif label in by_name:
+                self.label_ids.append(by_name[label])
+            else:
+                raise ValueError(f"unknown label {label!r}; the classifier's labels are {sorted(by_name)}")
+        self.model, self.tokenizer, self.attacked = model.eval(), tokenizer, attacked_tokenizer
+        self.kind, self.threshold, self.prefix = kind, threshold, prefix
+
+    def flags(self, row, context, candidates):
+        import torch
+
+        if not candidates:
+            return []
+        texts = [self.prefix + self.attacked.decode(list(context) + [c.token]) for c in candidates]
+        batch = self.tokenizer(texts, return_tensors="pt", padding=True)
+        device = next(self.model.parameters()).device
+        with torch.no_grad():
+            logits = self.model(**batch.to(device)).logits
+        if self.kind == "token":
+            last = batch["attention_mask"].sum(dim=1) - 1  # right padding: the last real token
+            logits = logits[torch.arange(len(texts)), last]
+        probs = torch.softmax(logits.float(), dim=-1)[:, self.label_ids].sum(dim=-1)
+        return (probs >= self.threshold).tolist()
+
+
 def synthetic_oracle(world, tokenizer) -> LexiconSelector:
     """The synthetic world's oracle: every word that occurs in a refusal but never in a compliant
     answer is blocked; the rest (recipe words, punctuation, the end of turn) counts as harmful."""

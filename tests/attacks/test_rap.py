@@ -170,3 +170,39 @@ def test_batched_equals_one_at_a_time_on_a_real_model(world, tokenizer):
 def test_prompts_and_prefills_must_pair_up(tokenizer):
     with pytest.raises(ValueError, match=r"prompts \(2\) and prefills \(1\)"):
         rap_attack(tiny_random_model(vocab_size=len(tokenizer)), tokenizer, ["a", "b"], [[]], LexiconSelector())
+
+
+@pytest.mark.parametrize("kind", ["sequence", "token"])
+def test_classifier_selector_flags_candidates_with_a_local_model(world, tokenizer, kind):
+    import transformers
+
+    from deepalign.attacks.selectors import Candidate, ClassifierSelector
+
+    config = transformers.LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                                      head_dim=16, pad_token_id=tokenizer.pad_token_id,
+                                      id2label={0: "refusal", 1: "harmful"}, label2id={"refusal": 0, "harmful": 1})
+    head = {"sequence": transformers.LlamaForSequenceClassification,
+            "token": transformers.LlamaForTokenClassification}[kind]
+    torch.manual_seed(0)
+    model = head(config)
+    candidates = [Candidate(tokenizer.convert_tokens_to_ids(w), r, 0.1) for r, w in enumerate(["sorry", "heat", "oil"])]
+    context = tokenizer("sure . to make bomb :", add_special_tokens=False)["input_ids"]
+    always = ClassifierSelector(model, tokenizer, tokenizer, ["harmful"], kind=kind, threshold=0.0)
+    never = ClassifierSelector(model, tokenizer, tokenizer, [1], kind=kind, threshold=1.01)
+    assert always.flags(0, context, candidates) == [True] * 3
+    assert never.flags(0, context, candidates) == [False] * 3
+    # The probabilities it thresholds are the classifier's: flags change where they cross.
+    with torch.no_grad():
+        texts = [tokenizer.decode(context + [c.token]) for c in candidates]
+        batch = tokenizer(texts, return_tensors="pt", padding=True)
+        logits = model(**batch).logits
+        if kind == "token":
+            logits = logits[torch.arange(3), batch["attention_mask"].sum(1) - 1]
+        probs = torch.softmax(logits, -1)[:, 1]
+    middle = float(probs.median())
+    flags = ClassifierSelector(model, tokenizer, tokenizer, ["harmful"], kind=kind, threshold=middle).flags(
+        0, context, candidates)
+    assert flags == (probs >= middle).tolist()
+    with pytest.raises(ValueError, match="unknown label 'toxic'"):
+        ClassifierSelector(model, tokenizer, tokenizer, ["toxic"])
