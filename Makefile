@@ -18,3 +18,4 @@ test: install
 bench: install
 	$(PYTHON) -m benchmarks.topk_rank
 	$(PYTHON) -m benchmarks.prefill_attention
+	$(PYTHON) -m benchmarks.rap
