@@ -28,6 +28,7 @@ setup(
         "accelerate>=1.0",
         "safetensors>=0.4",
         "peft>=0.13",  # optional LoRA training
+        "transformer-lens>=4,<5",  # analysis: TransformerBridge hooks
     ],
     extras_require={
         "test": ["pytest>=7.4", "hypothesis>=6.100"],

@@ -1,0 +1,73 @@
+"""Per-head attention to prefills: TransformerLens hooks = eager attention = the fused kernel."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from deepalign.analysis.attention import (
+    PrefillExample,
+    compare_models,
+    load_bridge,
+    prefill_mass_by_head,
+    prefill_mass_by_head_fused,
+    query_mask,
+)
+from deepalign.models.chat import render_chat
+from deepalign.models.loading import load_pretrained, tiny_random_model
+
+
+@pytest.fixture(scope="module")
+def saved_model(tmp_path_factory, tokenizer):
+    folder = tmp_path_factory.mktemp("model")
+    tiny_random_model(vocab_size=len(tokenizer), seed=5, layers=2, heads=4, kv_heads=2).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def examples(world, count=3):
+    out = []
+    for index, item in enumerate(world.harmful_items()[:count]):
+        words = world.compliant_response(item).split()
+        out.append(PrefillExample(world.request(item, index), " ".join(words[: 3 + index]),
+                                  " ".join(words[3 + index: 6 + index])))
+    return out
+
+
+def eager_mass(model, tokenizer, cases, queries):
+    total, count = 0, 0
+    for case in cases:
+        spans = render_chat(tokenizer, case.prompt, prefill=case.prefill, response=case.continuation, close_turn=False)
+        rows = query_mask(spans, queries)
+        out = model(torch.tensor([spans.input_ids]), output_attentions=True)
+        prefill = spans.mask("prefill").double()
+        total = total + torch.stack([(a[0].double() * prefill).sum(-1)[:, rows].sum(-1) for a in out.attentions])
+        count += int(rows.sum())
+    return (total / count).float()
+
+
+@pytest.mark.parametrize("queries", ["response", "presto"])
+def test_hooks_eager_and_kernel_agree(world, tokenizer, saved_model, queries, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the fused path's CPU reference (the interpreter is slow)
+    cases = examples(world)
+    bridge = load_bridge(saved_model)
+    hooked = prefill_mass_by_head(bridge, cases, queries=queries, progress=False)
+    eager_model, _ = load_pretrained(saved_model, attn_implementation="eager")
+    eager = eager_mass(eager_model, tokenizer, cases, queries)
+    fused_model, _ = load_pretrained(saved_model, attn_implementation="deepalign")
+    fused = prefill_mass_by_head_fused(fused_model, tokenizer, cases, queries=queries, progress=False)
+    assert hooked.shape == (2, 4)
+    assert torch.allclose(hooked, eager, atol=1e-6) and torch.allclose(fused, eager, atol=1e-5)
+    assert (hooked > 0).all() and (hooked < 1).all()
+
+
+def test_compare_and_errors(world, tokenizer):
+    a, b = torch.rand(2, 4), torch.rand(2, 4)
+    assert torch.equal(compare_models(a, b)["difference"], b - a)
+    with pytest.raises(ValueError, match="different layer × head shapes"):
+        compare_models(a, torch.rand(3, 4))
+    spans = render_chat(tokenizer, "hi", response="sure")
+    with pytest.raises(ValueError, match="empty prefill"):
+        query_mask(spans)
+    with pytest.raises(ValueError, match="queries must be"):
+        query_mask(render_chat(tokenizer, "hi", prefill="sure"), "all")
