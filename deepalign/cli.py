@@ -10,6 +10,7 @@
   the synthetic world, judges every output, logs JSON lines (resumable) and prints a summary.
 * ``deepalign judge --results FILE --output FILE --judge ...``: re-judges logged outputs (keyword,
   synthetic, or the StrongREJECT rubric through a local chat model or an OpenAI-compatible endpoint).
+* ``deepalign analyze {attention,kl,ranks} ...``: synthetic-world analyses as an offline HTML report.
 * ``deepalign stages --output DIR``: trains base → shallow → DA → DA + PRESTO on the synthetic
   world and prints how each stage behaves under prefilling attacks.
 """
@@ -296,6 +297,26 @@ def _judge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _analyze(args: argparse.Namespace) -> int:
+    from deepalign.analysis.report import write_report
+    from deepalign.analysis.world_analyses import attention_section, kl_section, ranks_section
+    from deepalign.data.synthetic import SyntheticWorld
+
+    world = SyntheticWorld.load(args.world)
+    if args.what in ("attention", "kl") and len(args.models) != 2:
+        raise SystemExit(f"deepalign analyze {args.what}: give exactly two --models (first, second)")
+    if args.what == "attention":
+        section = attention_section(args.models[0], args.models[1], world)
+    elif args.what == "kl":
+        section = kl_section(args.models[0], args.models[1], world)
+    else:
+        section = ranks_section(args.models, world)
+    path = write_report(args.output, f"deepalign analyze {args.what}", [section])
+    print("\n".join(section.text))
+    print(f"report: {path}   figure data: {path}.json")
+    return 0
+
+
 def _stages(args: argparse.Namespace) -> int:
     from deepalign.stages import StageSettings, format_reports, run_stages
 
@@ -394,6 +415,15 @@ def build_parser() -> argparse.ArgumentParser:
     judge.add_argument("--timeout", type=float, default=60.0, help="rubric-http: seconds per request (default 60)")
     judge.add_argument("--judge-path", help="rubric-local: local chat model folder or GGUF file")
     judge.set_defaults(run=_judge)
+
+    analyze = commands.add_parser("analyze", help="analyses of synthetic-world models as an HTML report")
+    analyze.add_argument("what", choices=("attention", "kl", "ranks"),
+                         help="attention: per-head mass on prefills, A vs B; kl: per-position KL(A||B); "
+                              "ranks: harmful/refusal token ranks along harmful answers")
+    analyze.add_argument("--models", nargs="+", required=True, help="model folders (two for attention and kl)")
+    analyze.add_argument("--world", required=True, help="synthetic world folder (world.json)")
+    analyze.add_argument("--output", required=True, help="HTML report to write")
+    analyze.set_defaults(run=_analyze)
 
     stages = commands.add_parser("stages", help="train and evaluate base, shallow, DA and PRESTO on the world")
     stages.add_argument("--output", required=True, help="folder for the models and reports.json (resumable)")

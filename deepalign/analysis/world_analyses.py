@@ -1,0 +1,99 @@
+"""The analyses on synthetic-world models, as report sections (used by ``deepalign analyze``).
+
+* :func:`attention_section`: per-head attention mass on harmful prefills, model A vs model B
+  (e.g. DA vs DA + PRESTO), from TransformerLens hooks;
+* :func:`kl_section`: per-position KL between two models over the harmful answers (e.g. shallow
+  vs base), mean ± std band;
+* :func:`ranks_section`: along the harmful answers, the rank of the harmful token and of the best
+  refusal token per position, for each model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from deepalign.analysis.attention import PrefillExample, load_bridge, prefill_mass_by_head
+from deepalign.analysis.continuations import continuation_ranks, per_position_kl
+from deepalign.analysis.figures import comparison_heatmaps, position_lines
+from deepalign.analysis.report import Section
+from deepalign.data.synthetic import REFUSALS, SyntheticWorld
+from deepalign.models.loading import load_pretrained
+
+
+def prefill_examples(world: SyntheticWorld, prefill_tokens: int = 6, continuation_tokens: int = 4,
+                     phrasings: Sequence[int] = (0, 1)) -> list[PrefillExample]:
+    """Harmful requests with the first ``prefill_tokens`` words of the harmful answer as prefill
+    and the next ``continuation_tokens`` words as the continuation whose queries are measured."""
+    examples = []
+    for item in world.harmful_items():
+        words = world.compliant_response(item).split()
+        for p in phrasings:
+            examples.append(PrefillExample(world.request(item, p), " ".join(words[:prefill_tokens]),
+                                           " ".join(words[prefill_tokens:prefill_tokens + continuation_tokens])))
+    return examples
+
+
+def _name(path: str | Path) -> str:
+    path = Path(path)
+    return path.parent.name if path.name == "final" else path.name
+
+
+def attention_section(first: str | Path, second: str | Path, world: SyntheticWorld) -> Section:
+    examples = prefill_examples(world)
+    maps = [prefill_mass_by_head(load_bridge(path), examples, progress=False) for path in (first, second)]
+    names = (_name(first), _name(second))
+    mean = [float(m.mean()) for m in maps]
+    text = [f"Mean attention mass on the harmful prefill from the response positions, per layer and head, over "
+            f"{len(examples)} (request, prefill) pairs. Mean over heads: {names[0]} {mean[0]:.3f}, "
+            f"{names[1]} {mean[1]:.3f}."]
+    return Section(f"Attention to the prefill: {names[0]} vs {names[1]}", text,
+                   comparison_heatmaps(maps[0], maps[1], names))
+
+
+def _padded(rows: list[torch.Tensor]) -> torch.Tensor:
+    width = max(len(r) for r in rows)
+    out = torch.full((len(rows), width), float("nan"))
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = row.float()
+    return out
+
+
+def kl_section(first: str | Path, second: str | Path, world: SyntheticWorld) -> Section:
+    (model_a, tok_a), (model_b, tok_b) = load_pretrained(first), load_pretrained(second)
+    rows = [per_position_kl(model_a, tok_a, model_b, tok_b, world.request(item, p), world.compliant_response(item))
+            for item in world.harmful_items() for p in (0, 1)]
+    values = _padded(rows)
+    names = (_name(first), _name(second))
+    first_tokens = torch.nanmean(values[:, :3]).item()
+    later = torch.nanmean(values[:, 3:]).item()
+    text = [f"KL({names[0]} ‖ {names[1]}) at each position of the harmful answers (teacher-forced, {len(rows)} "
+            f"answers). Mean over the first 3 positions {first_tokens:.3f} nats, afterwards {later:.3f} nats."]
+    return Section(f"Per-position KL: {names[0]} vs {names[1]}", text,
+                   position_lines({f"KL({names[0]}‖{names[1]})": values}, "per-position KL", yaxis="KL (nats)"))
+
+
+def ranks_section(models: Sequence[str | Path], world: SyntheticWorld) -> Section:
+    series, table = {}, []
+    for path in models:
+        model, tokenizer = load_pretrained(path)
+        refusal = sorted({tokenizer.convert_tokens_to_ids(w) for text in REFUSALS for w in text.format(item="x").split()
+                          if w in ("sorry", "cannot", "i")})
+        harmful, refusing = [], []
+        for item in world.harmful_items():
+            profile = continuation_ranks(model, tokenizer, world.request(item), world.compliant_response(item), refusal)
+            harmful.append(profile.harmful_rank)
+            refusing.append(profile.refusal_rank)
+        name = _name(path)
+        series[f"{name}: harmful token"] = _padded(harmful)
+        series[f"{name}: best refusal token"] = _padded(refusing)
+        every = torch.cat(harmful)
+        table.append([name, f"{every.float().median():.0f}", f"{(every < 20).float().mean():.2f}",
+                      f"{torch.cat(refusing).float().median():.0f}"])
+    return Section("Ranks along the harmful answers", [
+        "Rank (0 = top) of the correct harmful token and of the best refusal token at each position of the "
+        "teacher-forced harmful answers. Low harmful ranks after alignment are what RAP exploits."],
+        position_lines(series, "ranks along harmful answers", yaxis="rank", log_y=False),
+        table=table, header=["model", "median harmful rank", "harmful in top 20", "median refusal rank"])
