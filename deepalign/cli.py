@@ -299,7 +299,7 @@ def _judge(args: argparse.Namespace) -> int:
 
 def _analyze(args: argparse.Namespace) -> int:
     from deepalign.analysis.report import write_report
-    from deepalign.analysis.world_analyses import attention_section, kl_section, ranks_section
+    from deepalign.analysis.world_analyses import ablation_section, attention_section, kl_section, ranks_section
     from deepalign.data.synthetic import SyntheticWorld
 
     world = SyntheticWorld.load(args.world)
@@ -309,10 +309,18 @@ def _analyze(args: argparse.Namespace) -> int:
         section = attention_section(args.models[0], args.models[1], world)
     elif args.what == "kl":
         section = kl_section(args.models[0], args.models[1], world)
+    elif args.what == "ablate":
+        if len(args.models) != 1:
+            raise SystemExit("deepalign analyze ablate: give one --models")
+        section = ablation_section(args.models[0], world, k=args.heads, mode=args.mode)
     else:
         section = ranks_section(args.models, world)
     path = write_report(args.output, f"deepalign analyze {args.what}", [section])
     print("\n".join(section.text))
+    if section.table:
+        print(" | ".join(section.header))
+        for row in section.table:
+            print(" | ".join(str(c) for c in row))
     print(f"report: {path}   figure data: {path}.json")
     return 0
 
@@ -417,9 +425,12 @@ def build_parser() -> argparse.ArgumentParser:
     judge.set_defaults(run=_judge)
 
     analyze = commands.add_parser("analyze", help="analyses of synthetic-world models as an HTML report")
-    analyze.add_argument("what", choices=("attention", "kl", "ranks"),
+    analyze.add_argument("what", choices=("attention", "kl", "ranks", "ablate"),
                          help="attention: per-head mass on prefills, A vs B; kl: per-position KL(A||B); "
-                              "ranks: harmful/refusal token ranks along harmful answers")
+                              "ranks: harmful/refusal token ranks along harmful answers; "
+                              "ablate: prefilling and RAP scores with the top prefill-attending heads ablated")
+    analyze.add_argument("--heads", type=int, default=4, help="ablate: number of heads (default 4)")
+    analyze.add_argument("--mode", choices=("zero", "mean"), default="zero", help="ablate: zero or mean ablation")
     analyze.add_argument("--models", nargs="+", required=True, help="model folders (two for attention and kl)")
     analyze.add_argument("--world", required=True, help="synthetic world folder (world.json)")
     analyze.add_argument("--output", required=True, help="HTML report to write")

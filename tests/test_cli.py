@@ -104,11 +104,13 @@ def test_judge_rejudges_a_result_log(tmp_path, capsys):
 def test_analyze_commands_write_reports(tmp_path, capsys):
     assert main(["world", "--output", str(tmp_path / "w")]) == 0
     model = str(tmp_path / "w" / "model")
-    for what, models in (("attention", [model, model]), ("kl", [model, model]), ("ranks", [model])):
+    for what, models in (("attention", [model, model]), ("kl", [model, model]), ("ranks", [model]),
+                         ("ablate", [model])):
         output = tmp_path / f"{what}.html"
         assert main(["analyze", what, "--models", *models, "--world", str(tmp_path / "w"), "--output", str(output)]) == 0
         assert output.is_file() and (tmp_path / f"{what}.html.json").is_file()
     out = capsys.readouterr().out
     assert "Mean over the first 3 positions 0.000 nats, afterwards 0.000 nats" in out  # KL of a model with itself
+    assert "ablated heads | prefill 2 | prefill 5 | RAP" in out and "top 4 prefill heads" in out
     with pytest.raises(SystemExit, match="give exactly two --models"):
         main(["analyze", "kl", "--models", model, "--world", str(tmp_path / "w"), "--output", str(tmp_path / "x.html")])

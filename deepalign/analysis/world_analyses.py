@@ -97,3 +97,56 @@ def ranks_section(models: Sequence[str | Path], world: SyntheticWorld) -> Sectio
         "teacher-forced harmful answers. Low harmful ranks after alignment are what RAP exploits."],
         position_lines(series, "ranks along harmful answers", yaxis="rank", log_y=False),
         table=table, header=["model", "median harmful rank", "harmful in top 20", "median refusal rank"])
+
+
+def ablation_section(model_path: str | Path, world: SyntheticWorld, *, k: int = 4, mode: str = "zero",
+                     prefill_tokens: Sequence[int] = (2, 5)) -> Section:
+    """Ablate the ``k`` heads that attend most to harmful prefills and compare greedy prefilling and
+    RAP (k = 20, oracle) scores with and without them, against ``k`` random heads as a control."""
+    from deepalign.analysis.ablation import ablate_heads, head_means, top_heads
+    from deepalign.attacks.rap import RAPConfig, rap_attack
+    from deepalign.attacks.selectors import synthetic_oracle
+    from deepalign.evaluation.synthetic import greedy_continuations
+    from deepalign.models.chat import collate, encode_text, render_chat
+
+    examples = prefill_examples(world)
+    mass = prefill_mass_by_head(load_bridge(model_path), examples, progress=False)
+    model, tokenizer = load_pretrained(model_path)
+    chosen = top_heads(mass, k)
+    generator = torch.Generator().manual_seed(0)
+    random_heads = [(int(i) // mass.shape[1], int(i) % mass.shape[1])
+                    for i in torch.randperm(mass.numel(), generator=generator)[:k]]
+    items = world.harmful_items()
+    prompts = [world.request(item, 0) for item in items]
+    means = None
+    if mode == "mean":
+        batch = collate([render_chat(tokenizer, p, response=world.compliant_response(i)) for p, i in zip(prompts, items)],
+                        tokenizer.pad_token_id)
+        means = head_means(model, [batch])
+
+    def scores() -> list[float]:
+        row = []
+        for n in prefill_tokens:
+            prefills = [encode_text(tokenizer, world.compliant_response(item))[:n] for item in items]
+            texts = greedy_continuations(model, tokenizer, prompts, prefills)
+            row.append(sum(world.judge(item, t).score for item, t in zip(items, texts)) / len(items))
+        results = rap_attack(model, tokenizer, prompts, [[] for _ in prompts], synthetic_oracle(world, tokenizer),
+                             RAPConfig(max_new_tokens=64), progress=False)
+        row.append(sum(world.judge(item, r.text).score for item, r in zip(items, results)) / len(items))
+        return row
+
+    table = [["none", *[f"{s:.3f}" for s in scores()]]]
+    for label, heads in ((f"top {k} prefill heads {chosen}", chosen), (f"{k} random heads {random_heads}", random_heads)):
+        with ablate_heads(model, heads, mode=mode, means=means):
+            table.append([label, *[f"{s:.3f}" for s in scores()]])
+    header = ["ablated heads", *[f"prefill {n}" for n in prefill_tokens], "RAP"]
+    return Section(f"Head ablation ({mode}) on {_name(model_path)}", [
+        f"Judge scores (0-1) of greedy prefilling attacks and of RAP with {mode}-ablated heads; the top heads are "
+        f"those with the largest attention mass on the harmful prefill."], head_heatmap_of(mass, _name(model_path)),
+        table=table, header=header)
+
+
+def head_heatmap_of(mass: torch.Tensor, name: str):
+    from deepalign.analysis.figures import head_heatmap
+
+    return head_heatmap(mass, f"attention mass on the prefill per head: {name}")
