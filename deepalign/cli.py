@@ -312,7 +312,8 @@ def _analyze(args: argparse.Namespace) -> int:
     elif args.what == "ablate":
         if len(args.models) != 1:
             raise SystemExit("deepalign analyze ablate: give one --models")
-        section = ablation_section(args.models[0], world, k=args.heads, mode=args.mode)
+        section = ablation_section(args.models[0], world, k=args.heads, mode=args.mode,
+                                   max_interactions=args.max_interactions)
     else:
         section = ranks_section(args.models, world)
     path = write_report(args.output, f"deepalign analyze {args.what}", [section])
@@ -431,6 +432,7 @@ def build_parser() -> argparse.ArgumentParser:
                               "ablate: prefilling and RAP scores with the top prefill-attending heads ablated")
     analyze.add_argument("--heads", type=int, default=4, help="ablate: number of heads (default 4)")
     analyze.add_argument("--mode", choices=("zero", "mean"), default="zero", help="ablate: zero or mean ablation")
+    analyze.add_argument("--max-interactions", type=int, default=512, help="ablate: RAP interaction budget")
     analyze.add_argument("--models", nargs="+", required=True, help="model folders (two for attention and kl)")
     analyze.add_argument("--world", required=True, help="synthetic world folder (world.json)")
     analyze.add_argument("--output", required=True, help="HTML report to write")

@@ -107,7 +107,9 @@ def test_analyze_commands_write_reports(tmp_path, capsys):
     for what, models in (("attention", [model, model]), ("kl", [model, model]), ("ranks", [model]),
                          ("ablate", [model])):
         output = tmp_path / f"{what}.html"
-        assert main(["analyze", what, "--models", *models, "--world", str(tmp_path / "w"), "--output", str(output)]) == 0
+        extra = ["--max-interactions", "8"] if what == "ablate" else []
+        assert main(["analyze", what, "--models", *models, "--world", str(tmp_path / "w"), "--output", str(output),
+                     *extra]) == 0
         assert output.is_file() and (tmp_path / f"{what}.html.json").is_file()
     out = capsys.readouterr().out
     assert "Mean over the first 3 positions 0.000 nats, afterwards 0.000 nats" in out  # KL of a model with itself

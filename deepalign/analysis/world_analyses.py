@@ -100,7 +100,7 @@ def ranks_section(models: Sequence[str | Path], world: SyntheticWorld) -> Sectio
 
 
 def ablation_section(model_path: str | Path, world: SyntheticWorld, *, k: int = 4, mode: str = "zero",
-                     prefill_tokens: Sequence[int] = (2, 5)) -> Section:
+                     prefill_tokens: Sequence[int] = (2, 5), max_interactions: int = 512) -> Section:
     """Ablate the ``k`` heads that attend most to harmful prefills and compare greedy prefilling and
     RAP (k = 20, oracle) scores with and without them, against ``k`` random heads as a control."""
     from deepalign.analysis.ablation import ablate_heads, head_means, top_heads
@@ -131,7 +131,7 @@ def ablation_section(model_path: str | Path, world: SyntheticWorld, *, k: int = 
             texts = greedy_continuations(model, tokenizer, prompts, prefills)
             row.append(sum(world.judge(item, t).score for item, t in zip(items, texts)) / len(items))
         results = rap_attack(model, tokenizer, prompts, [[] for _ in prompts], synthetic_oracle(world, tokenizer),
-                             RAPConfig(max_new_tokens=64), progress=False)
+                             RAPConfig(max_new_tokens=64, max_interactions=max_interactions), progress=False)
         row.append(sum(world.judge(item, r.text).score for item, r in zip(items, results)) / len(items))
         return row
 
