@@ -306,17 +306,18 @@ def _analyze(args: argparse.Namespace) -> int:
     if args.what in ("attention", "kl") and len(args.models) != 2:
         raise SystemExit(f"deepalign analyze {args.what}: give exactly two --models (first, second)")
     if args.what == "attention":
-        section = attention_section(args.models[0], args.models[1], world)
+        sections = attention_section(args.models[0], args.models[1], world)
     elif args.what == "kl":
-        section = kl_section(args.models[0], args.models[1], world)
+        sections = [kl_section(args.models[0], args.models[1], world)]
     elif args.what == "ablate":
         if len(args.models) != 1:
             raise SystemExit("deepalign analyze ablate: give one --models")
-        section = ablation_section(args.models[0], world, k=args.heads, mode=args.mode,
-                                   max_interactions=args.max_interactions)
+        sections = [ablation_section(args.models[0], world, k=args.heads, mode=args.mode,
+                                     max_interactions=args.max_interactions)]
     else:
-        section = ranks_section(args.models, world)
-    path = write_report(args.output, f"deepalign analyze {args.what}", [section])
+        sections = [ranks_section(args.models, world)]
+    path = write_report(args.output, f"deepalign analyze {args.what}", sections)
+    section = sections[0]
     print("\n".join(section.text))
     if section.table:
         print(" | ".join(section.header))

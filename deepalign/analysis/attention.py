@@ -123,3 +123,23 @@ def compare_models(first: torch.Tensor, second: torch.Tensor) -> dict[str, torch
         raise ValueError(f"the two models have different layer × head shapes: {tuple(first.shape)} and "
                          f"{tuple(second.shape)}")
     return {"first": first, "second": second, "difference": second - first}
+
+
+@torch.no_grad()
+def attention_received(bridge, example: PrefillExample) -> tuple[torch.Tensor, list[str]]:
+    """The attention each token receives, per layer, for one example (Vega & Singh, Fig. 10/11):
+    ``received[l, j] = mean_h mean_{i ≥ j} A^{l,h}_{ij}``. Returns ``([layers, T], token strings)``."""
+    tokenizer = bridge.tokenizer
+    spans = _render(tokenizer, example)
+    length = len(spans)
+    seen_by = torch.arange(length, 0, -1, dtype=torch.float64)  # key j is visible to T − j queries
+    received = torch.zeros(bridge.cfg.n_layers, length, dtype=torch.float64)
+
+    def reduce(pattern, hook):
+        layer = int(hook.name.split(".")[1])
+        received[layer] = pattern[0].double().mean(dim=0).sum(dim=0).cpu() / seen_by
+        return pattern
+
+    ids = torch.tensor([spans.input_ids], device=bridge.cfg.device)
+    bridge.run_with_hooks(ids, fwd_hooks=[(lambda name: name.endswith("attn.hook_pattern"), reduce)])
+    return received.float(), [tokenizer.decode([t]) for t in spans.input_ids]

@@ -15,9 +15,9 @@ from typing import Sequence
 
 import torch
 
-from deepalign.analysis.attention import PrefillExample, load_bridge, prefill_mass_by_head
+from deepalign.analysis.attention import PrefillExample, attention_received, load_bridge, prefill_mass_by_head
 from deepalign.analysis.continuations import continuation_ranks, per_position_kl
-from deepalign.analysis.figures import comparison_heatmaps, position_lines
+from deepalign.analysis.figures import comparison_heatmaps, position_lines, token_layer_map
 from deepalign.analysis.report import Section
 from deepalign.data.synthetic import REFUSALS, SyntheticWorld
 from deepalign.models.loading import load_pretrained
@@ -41,16 +41,25 @@ def _name(path: str | Path) -> str:
     return path.parent.name if path.name == "final" else path.name
 
 
-def attention_section(first: str | Path, second: str | Path, world: SyntheticWorld) -> Section:
+def attention_section(first: str | Path, second: str | Path, world: SyntheticWorld) -> list[Section]:
+    """The comparison of per-head maps, then the attention each token receives per layer for one
+    example, for each model."""
     examples = prefill_examples(world)
-    maps = [prefill_mass_by_head(load_bridge(path), examples, progress=False) for path in (first, second)]
+    bridges = [load_bridge(path) for path in (first, second)]
+    maps = [prefill_mass_by_head(bridge, examples, progress=False) for bridge in bridges]
     names = (_name(first), _name(second))
     mean = [float(m.mean()) for m in maps]
     text = [f"Mean attention mass on the harmful prefill from the response positions, per layer and head, over "
             f"{len(examples)} (request, prefill) pairs. Mean over heads: {names[0]} {mean[0]:.3f}, "
             f"{names[1]} {mean[1]:.3f}."]
-    return Section(f"Attention to the prefill: {names[0]} vs {names[1]}", text,
-                   comparison_heatmaps(maps[0], maps[1], names))
+    sections = [Section(f"Attention to the prefill: {names[0]} vs {names[1]}", text,
+                        comparison_heatmaps(maps[0], maps[1], names))]
+    for name, bridge in zip(names, bridges):
+        received, tokens = attention_received(bridge, examples[0])
+        sections.append(Section(f"Attention received by each token per layer: {name}",
+                                [f"Example: {examples[0].prompt!r} with prefill {examples[0].prefill!r}."],
+                                token_layer_map(received, tokens, f"attention received per token: {name}")))
+    return sections
 
 
 def _padded(rows: list[torch.Tensor]) -> torch.Tensor:

@@ -71,3 +71,17 @@ def test_compare_and_errors(world, tokenizer):
         query_mask(spans)
     with pytest.raises(ValueError, match="queries must be"):
         query_mask(render_chat(tokenizer, "hi", prefill="sure"), "all")
+
+
+def test_attention_received_per_token(world, saved_model):
+    from deepalign.analysis.attention import attention_received
+
+    bridge = load_bridge(saved_model)
+    example = examples(world, 1)[0]
+    received, tokens = attention_received(bridge, example)
+    assert received.shape == (2, len(tokens))
+    # Each query's attention sums to one: Σ_j received[l, j] · (T − j) = T (number of queries).
+    length = len(tokens)
+    weights = torch.arange(length, 0, -1, dtype=torch.float32)
+    assert torch.allclose((received * weights).sum(-1), torch.full((2,), float(length)), atol=1e-4)
+    assert received[:, 0].min() > 0
