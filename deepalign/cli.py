@@ -303,6 +303,20 @@ def _analyze(args: argparse.Namespace) -> int:
     from deepalign.data.synthetic import SyntheticWorld
 
     world = SyntheticWorld.load(args.world)
+    if args.what == "report":
+        from deepalign.analysis.world_analyses import stages_report_sections
+
+        sections = stages_report_sections(args.world, world, ablate_interactions=args.max_interactions)
+        path = write_report(args.output, "deepalign: shallow, deep and PRESTO alignment on the synthetic world", sections)
+        for section in sections:
+            print(f"== {section.title}")
+            print("\n".join(section.text))
+            for row in section.table:
+                print(" | ".join(str(c) for c in row))
+        print(f"report: {path}   figure data: {path}.json")
+        return 0
+    if not args.models:
+        raise SystemExit(f"deepalign analyze {args.what}: give --models")
     if args.what in ("attention", "kl") and len(args.models) != 2:
         raise SystemExit(f"deepalign analyze {args.what}: give exactly two --models (first, second)")
     if args.what == "attention":
@@ -427,14 +441,15 @@ def build_parser() -> argparse.ArgumentParser:
     judge.set_defaults(run=_judge)
 
     analyze = commands.add_parser("analyze", help="analyses of synthetic-world models as an HTML report")
-    analyze.add_argument("what", choices=("attention", "kl", "ranks", "ablate"),
+    analyze.add_argument("what", choices=("attention", "kl", "ranks", "ablate", "report"),
                          help="attention: per-head mass on prefills, A vs B; kl: per-position KL(A||B); "
                               "ranks: harmful/refusal token ranks along harmful answers; "
-                              "ablate: prefilling and RAP scores with the top prefill-attending heads ablated")
+                              "ablate: prefilling and RAP scores with the top prefill-attending heads ablated; "
+                              "report: all of them on the models of deepalign stages (--world is its folder)")
     analyze.add_argument("--heads", type=int, default=4, help="ablate: number of heads (default 4)")
     analyze.add_argument("--mode", choices=("zero", "mean"), default="zero", help="ablate: zero or mean ablation")
     analyze.add_argument("--max-interactions", type=int, default=512, help="ablate: RAP interaction budget")
-    analyze.add_argument("--models", nargs="+", required=True, help="model folders (two for attention and kl)")
+    analyze.add_argument("--models", nargs="+", help="model folders (two for attention and kl; none for report)")
     analyze.add_argument("--world", required=True, help="synthetic world folder (world.json)")
     analyze.add_argument("--output", required=True, help="HTML report to write")
     analyze.set_defaults(run=_analyze)

@@ -28,3 +28,17 @@ def test_stages_run_end_to_end_and_resume(tmp_path, monkeypatch):
     assert again == reports
     table = format_reports(reports)
     assert all(stage in table for stage in STAGES) and "prefill10" in table
+
+    # The combined analysis report over the stage models (deepalign analyze report).
+    from deepalign.analysis.report import write_report
+    from deepalign.analysis.world_analyses import stages_report_sections
+    from deepalign.data.synthetic import SyntheticWorld
+
+    sections = stages_report_sections(tmp_path, SyntheticWorld.load(tmp_path), ablate_interactions=6)
+    assert [s.title.split(":")[0] for s in sections][:4] == ["Attention to the prefill", "Attention received by each "
+                                                             "token per layer", "Attention received by each token "
+                                                             "per layer", "Per-position KL"]
+    ranks = next(s for s in sections if s.title.startswith("Ranks"))
+    assert [row[0] for row in ranks.table] == list(STAGES) and len(ranks.header) == 7
+    path = write_report(tmp_path / "report.html", "stages", sections)
+    assert path.stat().st_size > 1_000_000

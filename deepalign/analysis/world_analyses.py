@@ -16,7 +16,7 @@ from typing import Sequence
 import torch
 
 from deepalign.analysis.attention import PrefillExample, attention_received, load_bridge, prefill_mass_by_head
-from deepalign.analysis.continuations import continuation_ranks, per_position_kl
+from deepalign.analysis.continuations import continuation_ranks, per_position_kl, pfa1_by_prefill_length
 from deepalign.analysis.figures import comparison_heatmaps, position_lines, token_layer_map
 from deepalign.analysis.report import Section
 from deepalign.data.synthetic import REFUSALS, SyntheticWorld
@@ -84,8 +84,12 @@ def kl_section(first: str | Path, second: str | Path, world: SyntheticWorld) -> 
                    position_lines({f"KL({names[0]}‖{names[1]})": values}, "per-position KL", yaxis="KL (nats)"))
 
 
-def ranks_section(models: Sequence[str | Path], world: SyntheticWorld) -> Section:
+def ranks_section(models: Sequence[str | Path], world: SyntheticWorld, *, reference: str | Path | None = None,
+                  pfa_lengths: Sequence[int] = (1, 3, 6)) -> Section:
+    """Ranks along harmful answers per model; with a ``reference`` model (e.g. the aligned model's
+    own first-token behaviour, or a base model), also the mean PFA-1 after each prefill length."""
     series, table = {}, []
+    reference_model = load_pretrained(reference)[0] if reference is not None else None
     for path in models:
         model, tokenizer = load_pretrained(path)
         refusal = sorted({tokenizer.convert_tokens_to_ids(w) for text in REFUSALS for w in text.format(item="x").split()
@@ -99,13 +103,20 @@ def ranks_section(models: Sequence[str | Path], world: SyntheticWorld) -> Sectio
         series[f"{name}: harmful token"] = _padded(harmful)
         series[f"{name}: best refusal token"] = _padded(refusing)
         every = torch.cat(harmful)
-        table.append([name, f"{every.float().median():.0f}", f"{(every < 20).float().mean():.2f}",
-                      f"{torch.cat(refusing).float().median():.0f}"])
+        row = [name, f"{every.float().median():.0f}", f"{(every < 20).float().mean():.2f}",
+               f"{torch.cat(refusing).float().median():.0f}"]
+        if reference_model is not None:
+            scores = [pfa1_by_prefill_length(model, reference_model, tokenizer, world.request(item),
+                                             world.compliant_response(item), pfa_lengths)
+                      for item in world.harmful_items()]
+            row += [f"{sum(s[n] for s in scores) / len(scores):.3f}" for n in pfa_lengths]
+        table.append(row)
     return Section("Ranks along the harmful answers", [
         "Rank (0 = top) of the correct harmful token and of the best refusal token at each position of the "
         "teacher-forced harmful answers. Low harmful ranks after alignment are what RAP exploits."],
         position_lines(series, "ranks along harmful answers", yaxis="rank", log_y=False),
-        table=table, header=["model", "median harmful rank", "harmful in top 20", "median refusal rank"])
+        table=table, header=["model", "median harmful rank", "harmful in top 20", "median refusal rank"]
+        + ([f"PFA-1 after {n} (vs {_name(reference)})" for n in pfa_lengths] if reference is not None else []))
 
 
 def ablation_section(model_path: str | Path, world: SyntheticWorld, *, k: int = 4, mode: str = "zero",
@@ -159,3 +170,18 @@ def head_heatmap_of(mass: torch.Tensor, name: str):
     from deepalign.analysis.figures import head_heatmap
 
     return head_heatmap(mass, f"attention mass on the prefill per head: {name}")
+
+
+def stages_report_sections(stages: str | Path, world: SyntheticWorld, *, ablate_interactions: int = 512) -> list[Section]:
+    """Every analysis on the models of ``deepalign stages``: attention (DA vs PRESTO), KL (base vs
+    shallow), ranks and PFA-1 per stage (PFA-1 against the DA model's own no-prefill behaviour),
+    and head ablation on DA."""
+    stages = Path(stages)
+    path = {name: stages / name / "final" for name in ("base", "shallow", "da", "presto")}
+    missing = [str(p) for p in path.values() if not p.is_dir()]
+    if missing:
+        raise ValueError(f"missing stage models (run deepalign stages first): {', '.join(missing)}")
+    return [*attention_section(path["da"], path["presto"], world),
+            kl_section(path["base"], path["shallow"], world),
+            ranks_section(list(path.values()), world, reference=path["da"]),
+            ablation_section(path["da"], world, max_interactions=ablate_interactions)]
