@@ -4,7 +4,8 @@ From prompt + prefill, each interaction looks at the top ``k`` (20) next tokens 
 :func:`deepalign.kernels.topk_rank`) and asks a selector; with flag selectors the highest-ranked
 harmful candidate is appended. With no harmful candidate the last selected token is undone (a
 backtrack), and at that position only candidates ranked *below* the undone token are tried next.
-A pick that would produce a token string already reached twice is not allowed (no third repeat).
+A candidate whose text (stripped of spaces) equals that of each of the last two tokens is not
+allowed (never a third repeat of the same string in a row, as in the authors' implementation).
 A prompt stops when an end token is picked, after ``max_interactions`` (512) interactions, at
 ``max_new_tokens``, when nothing is left to select (a backtrack with no selected token), or when the
 selector says stop. There is no sampling.
@@ -21,7 +22,6 @@ runs the same state machine one prompt at a time, recomputing the whole sequence
 from __future__ import annotations
 
 import time
-from collections import Counter
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -67,8 +67,7 @@ class _Row:
     candidates: list[list[Candidate]] = field(default_factory=list)  # per position 0..len(selected)
     floors: list[int] = field(default_factory=list)  # per position: only ranks above this are tried
     slots: list[int] = field(default_factory=list)  # cache slot of each selected token (batched)
-    visits: Counter = field(default_factory=Counter)  # token string → times reached
-    saturated: set = field(default_factory=set)  # strings reached twice
+    prefix_tail: list[int] = field(default_factory=list)  # last two tokens of prompt + prefill
     undone_slot: int | None = None  # cache slot freed by the last backtrack (batched)
     interactions: int = 0
     backtracks: int = 0
@@ -84,8 +83,11 @@ class _Row:
         position = len(self.selected)
         floor = self.floors[position]
         allowed = [c for c in self.candidates[position] if c.rank > floor]
-        if self.saturated:  # some string was reached twice: a third visit is not allowed
-            allowed = [c for c in allowed if self._key(tokenizer, self.selected + [c.token]) not in self.saturated]
+        tail = (self.prefix_tail + self.selected)[-2:]
+        if len(tail) == 2:
+            last, before = (tokenizer.decode([t]).strip() for t in tail[::-1])
+            if last == before:  # a third repeat of this string in a row is not allowed
+                allowed = [c for c in allowed if tokenizer.decode([c.token]).strip() != last]
         self.interactions += 1
         decision = selector.decide(self.index, self.selected, allowed) if allowed else BACKTRACK
         if decision.action == "stop":
@@ -108,10 +110,6 @@ class _Row:
         choice = allowed[decision.index]
         self.selected.append(choice.token)
         self.ranks.append(choice.rank)
-        key = self._key(tokenizer, self.selected)
-        self.visits[key] += 1
-        if self.visits[key] >= 2:
-            self.saturated.add(key)
         if choice.token in end_tokens:
             self.stopped = "end"
         elif len(self.selected) >= config.max_new_tokens:
@@ -123,10 +121,6 @@ class _Row:
     def _check_budget(self, config: RAPConfig) -> None:
         if self.interactions >= config.max_interactions:
             self.stopped = "budget"
-
-    @staticmethod
-    def _key(tokenizer, tokens: list[int]) -> str:
-        return tokenizer.decode(tokens)
 
 
 def _end_tokens(tokenizer) -> set[int]:
@@ -169,7 +163,7 @@ def rap_attack(model, tokenizer, prompts: Sequence[str], prefills: Sequence[Sequ
     positions = (prompt_mask.cumsum(dim=1) - 1).clamp_min(0)
     out = model(batch["input_ids"].to(device), attention_mask=prompt_mask, position_ids=positions, use_cache=True)
     cache, mask = out.past_key_values, prompt_mask.clone()
-    rows = [_Row(i) for i in range(len(prompts))]
+    rows = [_Row(i, prefix_tail=list(e.input_ids[-2:])) for i, e in enumerate(examples)]
     for row, cands in zip(rows, _candidates(out.logits[:, -1], config.k, tokenizer)):
         row.push_candidates(cands)
     end_tokens = _end_tokens(tokenizer)
@@ -217,7 +211,7 @@ def rap_attack_unbatched(model, tokenizer, prompts: Sequence[str], prefills: Seq
     for index, (prompt, prefill) in enumerate(zip(prompts, prefills)):
         started = time.perf_counter()
         base = list(render_chat(tokenizer, prompt, prefill=list(prefill), close_turn=False).input_ids)
-        row = _Row(index)
+        row = _Row(index, prefix_tail=base[-2:])
 
         def next_candidates(selected):
             ids = torch.tensor([base + selected], device=device)

@@ -98,36 +98,26 @@ def test_backtracking_then_only_lower_ranked_alternatives():
     assert result.interactions == 4  # pick A, backtrack, pick B, pick <eos>
 
 
-def test_a_string_reached_by_two_tokenisations_counts_as_one_string():
-    """"xy" and "x"+"y" decode alike: both visits are counted against the same string."""
+def test_no_third_repeat_of_the_same_string_in_a_row():
+    """After "A A", another "A" is not offered: the next harmful candidate (B) is taken instead."""
     tokenizer = ToyTokenizer([w for w in WORDS if w != "<eos>"])
-    table = {"<assistant>": ["xy", "x", "A"], "xy": ["no"], "x": ["y"], "y": ["no"], "A": ["<eos>"]}
-    [result] = run(tokenizer, table, ["no", "nope", "<eos>"], ["no", "nope"], RAPConfig(k=3))
-    assert [tokenizer.words[t] for t in result.tokens] == ["A", "<eos>"]
-    assert result.backtracks == 3  # undo xy; undo y; undo x
+    table = {"<assistant>": ["A"], "A": ["A", "B"], "B": ["<eos>"]}
+    [result] = run(tokenizer, table, ["no", "nope", "<eos>"], ["no", "nope"], RAPConfig(k=2))
+    assert [tokenizer.words[t] for t in result.tokens] == ["A", "A", "B", "<eos>"]
+    assert result.ranks == [0, 0, 1, 0]
 
 
-def test_no_third_repeat_of_the_same_string():
-    """A pick that would reach a string already reached twice is skipped for the next candidate."""
-    from deepalign.attacks.rap import _Row
-    from deepalign.attacks.selectors import Candidate
-
-    tokenizer = ToyTokenizer([w for w in WORDS if w != "<eos>"])
-    selector = LexiconSelector(blocked=tokenizer.convert_tokens_to_ids(["no"]))
-    candidates = [Candidate(tokenizer.ids[w], r, 0.1) for r, w in enumerate(["xy", "A"])]
-    for visits, expected in ((1, "xy"), (2, "A")):
-        row = _Row(0)
-        row.push_candidates(candidates)
-        row.visits["xy"] = visits
-        if visits >= 2:
-            row.saturated.add("xy")
-        token = row.step(selector, tokenizer, {tokenizer.eos_token_id}, RAPConfig(k=2))
-        assert tokenizer.words[token] == expected
+def test_the_repeat_rule_compares_text_not_ids():
+    """"x" and "x " are different tokens with the same stripped text: still a repeat."""
+    tokenizer = ToyTokenizer([w for w in WORDS if w != "<eos>"] + ["x "])
+    table = {"<assistant>": ["x"], "x": ["x "], "x ": ["x", "B"], "B": ["<eos>"]}
+    [result] = run(tokenizer, table, ["no", "<eos>"], ["no"], RAPConfig(k=2))
+    assert [tokenizer.words[t] for t in result.tokens] == ["x", "x ", "B", "<eos>"]
 
 
 def test_budget_and_exhaustion():
     tokenizer = ToyTokenizer([w for w in WORDS if w != "<eos>"])
-    loop = {"<assistant>": ["A"], "A": ["A"]}
+    loop = {"<assistant>": ["A"], "A": ["B"], "B": ["A"]}  # A B A B ...: never three alike in a row
     [budget] = run(tokenizer, loop, ["A"], [], RAPConfig(k=1, max_interactions=7, max_new_tokens=100))
     assert budget.stopped == "budget" and budget.interactions == 7 and len(budget.tokens) == 7
     [capped] = run(tokenizer, loop, ["A"], [], RAPConfig(k=1, max_interactions=50, max_new_tokens=5))
