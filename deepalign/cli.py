@@ -8,6 +8,7 @@
   untrained model sized for it).
 * ``deepalign attack {prefill,rap,decoding} ...``: attacks a local model on a benchmark file or
   the synthetic world, judges every output, logs JSON lines (resumable) and prints a summary.
+* ``deepalign autorap {data,train} ...``: the AutoRAP classifier's refusal data and training.
 * ``deepalign judge --results FILE --output FILE --judge ...``: re-judges logged outputs (keyword,
   synthetic, or the StrongREJECT rubric through a local chat model or an OpenAI-compatible endpoint).
 * ``deepalign analyze {attention,kl,ranks} ...``: synthetic-world analyses as an offline HTML report.
@@ -243,6 +244,18 @@ def _rap_selector(args: argparse.Namespace, world):
         if world is None:
             raise SystemExit("deepalign attack rap: --selector oracle needs --world")
         return synthetic_oracle(world, world.tokenizer())
+    if args.selector == "autorap":
+        if not args.helper:
+            raise SystemExit("deepalign attack rap: --selector autorap needs --helper (a trained AutoRAP classifier)")
+        from transformers import AutoModelForTokenClassification
+
+        from deepalign.attacks.selectors import ClassifierSelector
+        from deepalign.models.loading import resolve_source
+
+        folder, _ = resolve_source(args.helper)
+        helper = AutoModelForTokenClassification.from_pretrained(folder, local_files_only=True)
+        return ClassifierSelector(helper, _tokenizer_of(args.helper), _tokenizer_of(args.model), [1], kind="token",
+                                  chat=True)
     words = [w for w in (args.blocked or "").split(",") if w]
     if args.selector == "lexicon" and not words:
         raise SystemExit("deepalign attack rap: --selector lexicon needs --blocked WORD,WORD,... (refusal tokens)")
@@ -259,6 +272,43 @@ def _tokenizer_of(model: str):
 
     folder, gguf = resolve_source(model)
     return AutoTokenizer.from_pretrained(folder, gguf_file=gguf, local_files_only=True)
+
+
+def _autorap(args: argparse.Namespace) -> int:
+    from deepalign.attacks.autorap import AutoRAPRecipe, build_dataset, read_dataset, write_dataset
+    from deepalign.attacks.runner import load_targets
+    from deepalign.data.synthetic import SyntheticWorld
+    from deepalign.models.loading import load_pretrained
+
+    if args.step == "data":
+        world = SyntheticWorld.load(args.world) if args.world else None
+        targets = [t for t in load_targets(args.targets, world, args.format, args.limit) if t.harmful_response]
+        if not targets:
+            raise SystemExit("deepalign autorap data: no target has a harmful response (use AdvBench, JBB, "
+                             "Harmful HEx-PHI or --world)")
+        model, tokenizer = load_pretrained(args.model)
+        rows = build_dataset(model, tokenizer, [(t.prompt, t.harmful_response) for t in targets], k=args.k,
+                             threshold=args.threshold, max_new_tokens=args.max_new_tokens, seed=args.seed)
+        print(f"{len(rows)} rows, {len(rows[0].refusals)} candidate refusal tokens each: {write_dataset(args.output, rows)}")
+        return 0
+    from transformers import AutoModelForTokenClassification
+
+    from deepalign.models.loading import resolve_source
+    from deepalign.training.trainer import Trainer, TrainerConfig
+
+    folder, gguf = resolve_source(args.helper)
+    helper_tokenizer = _tokenizer_of(args.helper)
+    if helper_tokenizer.pad_token_id is None:
+        helper_tokenizer.pad_token = helper_tokenizer.eos_token
+    helper = AutoModelForTokenClassification.from_pretrained(folder, gguf_file=gguf, num_labels=2, local_files_only=True,
+                                                             pad_token_id=helper_tokenizer.pad_token_id)
+    recipe = AutoRAPRecipe(helper_tokenizer, _tokenizer_of(args.target), read_dataset(args.data))
+    config = TrainerConfig(output_dir=args.output, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                           seed=args.seed, checkpoint_every=max(1, args.steps // 4))
+    history = Trainer(helper, helper_tokenizer, recipe, config).train()
+    print(f"trained the AutoRAP classifier for {len(history)} steps; last: loss={history[-1]['loss']}, "
+          f"accuracy={history[-1]['accuracy']}; model: {args.output}/final")
+    return 0
 
 
 def _judge(args: argparse.Namespace) -> int:
@@ -422,11 +472,37 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("--temperature", type=float, default=0.9)
             sub.add_argument("--top-p", type=float, default=0.6)
         if kind == "rap":
-            sub.add_argument("--selector", choices=("oracle", "console", "lexicon"), default="oracle")
+            sub.add_argument("--selector", choices=("oracle", "console", "lexicon", "autorap"), default="oracle")
+            sub.add_argument("--helper", help="autorap selector: the trained AutoRAP classifier folder")
             sub.add_argument("--blocked", help="lexicon selector: comma-separated refusal words to never pick")
             sub.add_argument("--k", type=int, default=20, help="candidates per step (default 20)")
             sub.add_argument("--max-interactions", type=int, default=512)
             sub.add_argument("--prefill-tokens", type=int, default=0, help="start from N harmful tokens")
+
+    autorap = commands.add_parser("autorap", help="AutoRAP classifier: refusal data (data) and training (train)")
+    steps = autorap.add_subparsers(dest="step", required=True, metavar="STEP")
+    data = steps.add_parser("data", help="candidate refusal tokens and the target's refusal continuations")
+    data.add_argument("--model", required=True, help="the target model")
+    data.add_argument("--targets", help="benchmark file with harmful responses (AdvBench, JBB, Harmful HEx-PHI)")
+    data.add_argument("--format")
+    data.add_argument("--world", help="synthetic world folder instead of --targets")
+    data.add_argument("--limit", type=int)
+    data.add_argument("--output", required=True, help="JSON-lines AutoRAP data")
+    data.add_argument("--k", type=int, default=20, help="top-k counted per row (default 20)")
+    data.add_argument("--threshold", type=int, default=2, help="minimum count tau (default 2)")
+    data.add_argument("--max-new-tokens", type=int, default=512)
+    data.add_argument("--seed", type=int, default=0)
+    data.set_defaults(run=_autorap)
+    train_helper = steps.add_parser("train", help="train the token classifier on the data (re-drawn augmentation)")
+    train_helper.add_argument("--data", required=True, help="output of deepalign autorap data")
+    train_helper.add_argument("--helper", required=True, help="local model to turn into the token classifier")
+    train_helper.add_argument("--target", required=True, help="the target model (its tokenizer cuts the prefills)")
+    train_helper.add_argument("--output", required=True)
+    train_helper.add_argument("--steps", type=int, default=200)
+    train_helper.add_argument("--batch-size", type=int, default=8)
+    train_helper.add_argument("--lr", type=float, default=2e-5)
+    train_helper.add_argument("--seed", type=int, default=0)
+    train_helper.set_defaults(run=_autorap)
 
     judge = commands.add_parser("judge", help="re-judge the outputs of an attack's result log")
     judge.add_argument("--results", required=True, help="JSON-lines results of deepalign attack")

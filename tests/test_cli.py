@@ -116,3 +116,20 @@ def test_analyze_commands_write_reports(tmp_path, capsys):
     assert "ablated heads | prefill 2 | prefill 5 | RAP" in out and "top 4 prefill heads" in out
     with pytest.raises(SystemExit, match="give exactly two --models"):
         main(["analyze", "kl", "--models", model, "--world", str(tmp_path / "w"), "--output", str(tmp_path / "x.html")])
+
+
+def test_autorap_from_the_command_line(tmp_path, capsys):
+    assert main(["world", "--output", str(tmp_path / "w")]) == 0
+    model, world = str(tmp_path / "w" / "model"), str(tmp_path / "w")
+    assert main(["autorap", "data", "--model", model, "--world", world, "--limit", "4", "--max-new-tokens", "3",
+                 "--output", str(tmp_path / "data.jsonl")]) == 0
+    assert main(["autorap", "train", "--data", str(tmp_path / "data.jsonl"), "--helper", model, "--target", model,
+                 "--output", str(tmp_path / "helper"), "--steps", "3", "--batch-size", "4"]) == 0
+    assert main(["attack", "rap", "--model", model, "--world", world, "--selector", "autorap", "--helper",
+                 str(tmp_path / "helper" / "final"), "--limit", "2", "--max-new-tokens", "4", "--max-interactions", "8",
+                 "--output", str(tmp_path / "rap.jsonl")]) == 0
+    out = capsys.readouterr().out
+    assert "candidate refusal tokens each" in out and "trained the AutoRAP classifier for 3 steps" in out
+    assert len((tmp_path / "rap.jsonl").read_text().splitlines()) == 2
+    with pytest.raises(SystemExit, match="--selector autorap needs --helper"):
+        main(["attack", "rap", "--model", model, "--world", world, "--selector", "autorap", "--output", "x"])

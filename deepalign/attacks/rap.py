@@ -151,6 +151,8 @@ def rap_attack(model, tokenizer, prompts: Sequence[str], prefills: Sequence[Sequ
     if len(prompts) != len(prefills):
         raise ValueError(f"prompts ({len(prompts)}) and prefills ({len(prefills)}) must have the same length")
     started = time.perf_counter()
+    if hasattr(selector, "begin"):
+        selector.begin(prompts)
     device = next(model.parameters()).device
     examples = [render_chat(tokenizer, p, prefill=list(f), close_turn=False) for p, f in zip(prompts, prefills)]
     context = max((getattr(model.config, "max_position_embeddings", None) or 10**9), 1)
@@ -207,6 +209,8 @@ def rap_attack_unbatched(model, tokenizer, prompts: Sequence[str], prefills: Seq
     """The same algorithm one prompt at a time, recomputing the whole sequence at every step."""
     device = next(model.parameters()).device
     end_tokens = _end_tokens(tokenizer)
+    if hasattr(selector, "begin"):
+        selector.begin(prompts)
     results = []
     for index, (prompt, prefill) in enumerate(zip(prompts, prefills)):
         started = time.perf_counter()

@@ -84,12 +84,15 @@ class ClassifierSelector(FlagSelector):
 
     ``kind="sequence"``: a sequence-classification model scores the whole text; ``kind="token"``:
     a token-classification model scores its last token. ``harmful_labels``: the label names (from
-    the model's ``id2label``) or ids that mean "harmful" (AutoRAP's classifier marks refusal tokens,
-    so pass its non-refusal label). A candidate is harmful when the probability of those labels is
-    at least ``threshold``."""
+    the model's ``id2label``) or ids that mean "harmful" (AutoRAP's classifier: label 1). A
+    candidate is harmful when the probability of those labels is at least ``threshold``.
+
+    With ``chat=True`` the classifier reads its own chat template, the prompt as the user turn and
+    the response so far plus the candidate as the assistant's prefill (AutoRAP's input); the
+    attack calls :meth:`begin` with the batch's prompts."""
 
     def __init__(self, model, tokenizer, attacked_tokenizer, harmful_labels, *, kind: str = "sequence",
-                 threshold: float = 0.5, prefix: str = ""):
+                 threshold: float = 0.5, prefix: str = "", chat: bool = False):
         if kind not in ("sequence", "token"):
             raise ValueError(f"kind must be 'sequence' or 'token', got {kind!r}")
         labels = getattr(model.config, "id2label", {}) or {}
@@ -103,21 +106,37 @@ class ClassifierSelector(FlagSelector):
             else:
                 raise ValueError(f"unknown label {label!r}; the classifier's labels are {sorted(by_name)}")
         self.model, self.tokenizer, self.attacked = model.eval(), tokenizer, attacked_tokenizer
-        self.kind, self.threshold, self.prefix = kind, threshold, prefix
+        self.kind, self.threshold, self.prefix, self.chat = kind, threshold, prefix, chat
+        self.prompts: list[str] = []
+
+    def begin(self, prompts) -> None:
+        """The prompts of the rows about to be attacked (row i ↔ prompts[i])."""
+        self.prompts = list(prompts)
+
+    def _ids(self, row: int, text: str) -> list[int]:
+        if not self.chat:
+            return self.tokenizer(self.prefix + text, add_special_tokens=True)["input_ids"]
+        from deepalign.models.chat import render_chat
+
+        if row >= len(self.prompts):
+            raise ValueError("ClassifierSelector(chat=True) needs begin(prompts) before the attack")
+        return list(render_chat(self.tokenizer, self.prompts[row], prefill=text, close_turn=False).input_ids)
 
     def flags(self, row, context, candidates):
         import torch
 
         if not candidates:
             return []
-        texts = [self.prefix + self.attacked.decode(list(context) + [c.token]) for c in candidates]
-        batch = self.tokenizer(texts, return_tensors="pt", padding=True)
+        sequences = [self._ids(row, self.attacked.decode(list(context) + [c.token])) for c in candidates]
+        width = max(len(s) for s in sequences)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        ids = torch.tensor([[pad] * (width - len(s)) + s for s in sequences])  # left padding
+        mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in sequences])
         device = next(self.model.parameters()).device
         with torch.no_grad():
-            logits = self.model(**batch.to(device)).logits
+            logits = self.model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
         if self.kind == "token":
-            last = batch["attention_mask"].sum(dim=1) - 1  # right padding: the last real token
-            logits = logits[torch.arange(len(texts)), last]
+            logits = logits[:, -1]  # left padding: the last column is each row's last real token
         probs = torch.softmax(logits.float(), dim=-1)[:, self.label_ids].sum(dim=-1)
         return (probs >= self.threshold).tolist()
 

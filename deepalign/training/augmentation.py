@@ -38,12 +38,13 @@ class UtilityExample:
 @dataclass(frozen=True)
 class TrainingItem:
     """A rendered example: its spans, the bool ``[T]`` loss mask over target tokens, the prefill
-    length and, where a recipe needs it, the index of the data row it came from."""
+    length and, where a recipe needs them, the index of the data row it came from and a class label."""
 
     spans: ChatSpans
     loss_mask: torch.Tensor
     prefill_length: int
     source: int = -1
+    label: int = -1
 
 
 class SafetyRecoveryAugmenter:

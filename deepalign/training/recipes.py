@@ -39,23 +39,25 @@ RECIPES = ("pretrain", "sft", "da", "presto", "constrained")
 
 
 def make_batch(items: Sequence[TrainingItem], pad_id: int) -> dict[str, torch.Tensor]:
-    """Collate items (left padding) and add their ``loss_mask`` ``[B, T]`` and ``source`` ``[B]``."""
+    """Collate items (left padding) and add their ``loss_mask`` ``[B, T]``, ``source`` and ``label`` ``[B]``."""
     batch = collate([item.spans for item in items], pad_id)
     length = batch["input_ids"].shape[1]
     batch["loss_mask"] = torch.stack([torch.nn.functional.pad(item.loss_mask, (length - len(item.loss_mask), 0))
                                       for item in items])
     batch["source"] = torch.tensor([item.source for item in items])
+    batch["label"] = torch.tensor([item.label for item in items])
     return batch
 
 
-def _model_inputs(model, batch):
+def batch_inputs(model, batch):
+    """``(input_ids, attention_mask, loss_mask)`` of a batch, on the model's device."""
     device = next(model.parameters()).device
     return batch["input_ids"].to(device), batch["attention_mask"].to(device), batch["loss_mask"].to(device)
 
 
 def mean_nll_terms(model, batch) -> dict[str, torch.Tensor]:
     """The mean NLL over the batch's supervised tokens, as ``{"loss", "nll"}``."""
-    ids, attention, loss_mask = _model_inputs(model, batch)
+    ids, attention, loss_mask = batch_inputs(model, batch)
     nll, count = token_nll(model(ids, attention_mask=attention).logits, ids, loss_mask)
     loss = nll / max(count, 1)
     return {"loss": loss, "nll": loss.detach()}
@@ -169,7 +171,7 @@ class DARecipe:
         return utility[0], f"chat row {utility[1] + 1}"
 
     def loss_terms(self, model, batch) -> dict[str, torch.Tensor]:
-        ids, attention, loss_mask = _model_inputs(model, batch)
+        ids, attention, loss_mask = batch_inputs(model, batch)
         if self.presto_weight == 0:
             return mean_nll_terms(model, batch)
         if getattr(model.config, "_attn_implementation", None) != ATTENTION_NAME:
@@ -208,7 +210,7 @@ class ConstrainedRecipe:
     def _reference_logprobs(self, items: Sequence[TrainingItem]) -> torch.Tensor:
         """Target log-probs ``[n, T]`` of unpadded single items (n = 1) or a padded batch."""
         batch = make_batch(items, self.pad_id)
-        ids, attention, _ = _model_inputs(self.reference, batch)
+        ids, attention, _ = batch_inputs(self.reference, batch)
         return target_logprobs(self.reference(ids, attention_mask=attention).logits, ids).cpu()
 
     def sample(self, rng: random.Random, batch_size: int) -> list[TrainingItem]:
@@ -220,7 +222,7 @@ class ConstrainedRecipe:
         return length, f"chat row {index + 1}"
 
     def loss_terms(self, model, batch) -> dict[str, torch.Tensor]:
-        ids, attention, loss_mask = _model_inputs(model, batch)
+        ids, attention, loss_mask = batch_inputs(model, batch)
         policy = target_logprobs(model(ids, attention_mask=attention).logits, ids)
         if self.cache is not None:  # left-pad each cached row to the batch length
             length = ids.shape[1]

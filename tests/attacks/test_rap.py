@@ -183,16 +183,16 @@ def test_classifier_selector_flags_candidates_with_a_local_model(world, tokenize
     assert always.flags(0, context, candidates) == [True] * 3
     assert never.flags(0, context, candidates) == [False] * 3
     # The probabilities it thresholds are the classifier's: flags change where they cross.
-    with torch.no_grad():
-        texts = [tokenizer.decode(context + [c.token]) for c in candidates]
-        batch = tokenizer(texts, return_tensors="pt", padding=True)
-        logits = model(**batch).logits
-        if kind == "token":
-            logits = logits[torch.arange(3), batch["attention_mask"].sum(1) - 1]
-        probs = torch.softmax(logits, -1)[:, 1]
+    with torch.no_grad():  # each candidate alone (no padding): the selector's batching must not matter
+        probs = []
+        for c in candidates:
+            ids = torch.tensor([tokenizer(tokenizer.decode(context + [c.token]))["input_ids"]])
+            logits = model(input_ids=ids).logits
+            probs.append(torch.softmax(logits[0, -1] if kind == "token" else logits[0], -1)[1])
+        probs = torch.stack(probs)
     middle = float(probs.median())
-    flags = ClassifierSelector(model, tokenizer, tokenizer, ["harmful"], kind=kind, threshold=middle).flags(
+    flags = ClassifierSelector(model, tokenizer, tokenizer, ["harmful"], kind=kind, threshold=middle - 1e-6).flags(
         0, context, candidates)
-    assert flags == (probs >= middle).tolist()
+    assert flags == (probs >= middle - 1e-6).tolist() and sum(flags) == 2
     with pytest.raises(ValueError, match="unknown label 'toxic'"):
         ClassifierSelector(model, tokenizer, tokenizer, ["toxic"])
