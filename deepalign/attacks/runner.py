@@ -66,7 +66,8 @@ def run_rap(model, tokenizer, targets: Sequence[AttackTarget], judge: Judge, log
     return [r for r in log.records() if r["key"] in ids]
 
 
-def summary(records: list[dict], by: Sequence[str] = ("setting",)) -> str:
+def summary(records: list[dict], by: Sequence[str] = ("setting", "category")) -> str:
+    """Mean ± std of the judge score over runs, per setting and category."""
     return format_table(summarize(records, "score", by), by, "score")
 
 

@@ -55,6 +55,12 @@ def generate_after_prefill(model, tokenizer, prompts: Sequence[str], prefills: S
         raise ValueError(f"prompts ({len(prompts)}) and prefills ({len(prefills)}) must have the same length")
     examples = [render_chat(tokenizer, p, prefill=list(f), close_turn=False, system=system)
                 for p, f in zip(prompts, prefills)]
+    new_tokens = max_new_tokens or sampling.max_new_tokens
+    context = getattr(model.config, "max_position_embeddings", None)
+    longest = max((len(e) for e in examples), default=0)
+    if context is not None and longest + new_tokens > context:
+        raise ValueError(f"a prompt with its prefill has {longest} tokens; with {new_tokens} new tokens it exceeds "
+                         f"the model's context of {context}")
     batch = collate(examples, tokenizer.pad_token_id)
     device = next(model.parameters()).device
     ends = end_token_ids(tokenizer)
@@ -62,7 +68,7 @@ def generate_after_prefill(model, tokenizer, prompts: Sequence[str], prefills: S
         torch.manual_seed(seed)
     mask = batch["attention_mask"].to(device)
     out = model.generate(batch["input_ids"].to(device), attention_mask=mask,
-                         max_new_tokens=max_new_tokens or sampling.max_new_tokens, eos_token_id=ends,
+                         max_new_tokens=new_tokens, eos_token_id=ends,
                          pad_token_id=tokenizer.pad_token_id, **sampling.generate_kwargs())
     width = batch["input_ids"].shape[1]
     texts = []

@@ -83,3 +83,10 @@ def test_result_log_errors_and_statistics(tmp_path):
         ResultLog(path)
     assert mean_std([1.0, 3.0]) == (2.0, pytest.approx(2 ** 0.5))
     assert mean_std([4.0]) == (4.0, 0.0)
+
+
+def test_a_prompt_longer_than_the_context_is_refused(world, tokenizer, tmp_path):
+    model = tiny_random_model(vocab_size=len(tokenizer), max_positions=24)
+    with pytest.raises(ValueError, match="exceeds the model's context of 24"):
+        prefill_attack(model, tokenizer, targets(world, 1), synthetic_judge(world), ResultLog(tmp_path / "p.jsonl"),
+                       prefill_lengths=(2,), sampling=Sampling(max_new_tokens=20), progress=False)
