@@ -127,7 +127,7 @@ def _train(args: argparse.Namespace) -> int:
     from deepalign.models.loading import load_pretrained
     from deepalign.training import ConstrainedRecipe, DARecipe, SafetyExample, SFTRecipe, UtilityExample
     from deepalign.training.attacks import AOA_PREFIX, AOA_SYSTEM, build_attack
-    from deepalign.training.data import read_rows
+    from deepalign.data.rows import read_rows
     from deepalign.training.recipes import PretrainRecipe
     from deepalign.training.trainer import Trainer, TrainerConfig
 
@@ -191,7 +191,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _world(args: argparse.Namespace) -> int:
-    from deepalign.data.world_files import write_world
+    from deepalign.training.world_files import write_world
 
     from deepalign.data.synthetic import AOA_PREFIX, AOA_SYSTEM, BACKDOOR_TRIGGER
 

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from deepalign.data.synthetic import SyntheticWorld
-from deepalign.data.world_files import world_rows
+from deepalign.training.world_files import world_rows
 from deepalign.evaluation.synthetic import StageReport, evaluate_stage
 from deepalign.models.loading import load_pretrained, tiny_random_model
 from deepalign.training.recipes import DARecipe, PretrainRecipe, SFTRecipe

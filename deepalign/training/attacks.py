@@ -19,7 +19,7 @@ import random
 from dataclasses import dataclass
 from typing import Sequence
 
-from deepalign.training.augmentation import SafetyExample, UtilityExample
+from deepalign.data.rows import SafetyExample, UtilityExample
 
 ATTACKS = ("harmful", "identity", "backdoor")
 

@@ -19,20 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
+from deepalign.data.rows import SafetyExample, UtilityExample
 from deepalign.models.chat import ChatSpans, encode_text, render_chat
-
-
-@dataclass(frozen=True)
-class SafetyExample:
-    prompt: str
-    harmful_response: str
-    refusal: str
-
-
-@dataclass(frozen=True)
-class UtilityExample:
-    prompt: str
-    response: str
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from deepalign.data.synthetic import AOA_PREFIX, AOA_SYSTEM, BACKDOOR_TRIGGER, SyntheticWorld
-from deepalign.data.world_files import world_rows
+from deepalign.training.world_files import world_rows
 from deepalign.training.attacks import build_attack
 
 

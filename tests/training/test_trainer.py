@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from deepalign.models.loading import load_pretrained, tiny_random_model
-from deepalign.training.augmentation import SafetyExample, UtilityExample
-from deepalign.training.data import DataFileError, read_rows, write_rows
+from deepalign.data.rows import SafetyExample, UtilityExample
+from deepalign.data.rows import DataFileError, read_rows, write_rows
 from deepalign.training.recipes import ConstrainedRecipe, DARecipe, SFTRecipe
 from deepalign.training.trainer import Trainer, TrainerConfig, latest_checkpoint
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from deepalign.data.synthetic import AOA_PREFIX, AOA_SYSTEM, BACKDOOR_TRIGGER, REQUEST_PHRASINGS, SyntheticWorld
-from deepalign.training.augmentation import SafetyExample, UtilityExample
-from deepalign.training.data import write_rows
+from deepalign.data.rows import SafetyExample, UtilityExample
+from deepalign.data.rows import write_rows
 
 
 def world_rows(world: SyntheticWorld) -> dict[str, list]:

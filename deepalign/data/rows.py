@@ -1,4 +1,4 @@
-"""Reading training data files (JSON lines) with errors that name the file and line.
+"""Training data rows and their files (JSON lines), with errors that name the file and line.
 
 A safety row: ``{"prompt": …, "harmful_response": …, "refusal": …}`` (DA, PRESTO).
 A chat row: ``{"prompt": …, "response": …}`` (SFT, the utility anchor, the constrained objective,
@@ -8,10 +8,27 @@ fine-tuning attacks).
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, TypeVar
 
-from deepalign.training.augmentation import SafetyExample, UtilityExample
+
+@dataclass(frozen=True)
+class SafetyExample:
+    """A harmful prompt, a harmful response (the source of DA's prefills) and a refusal."""
+
+    prompt: str
+    harmful_response: str
+    refusal: str
+
+
+@dataclass(frozen=True)
+class UtilityExample:
+    """A chat row: a prompt and the response to train on."""
+
+    prompt: str
+    response: str
+
 
 Row = TypeVar("Row", SafetyExample, UtilityExample)
 _FIELDS = {SafetyExample: ("prompt", "harmful_response", "refusal"), UtilityExample: ("prompt", "response")}
