@@ -1,6 +1,6 @@
 """Triton forward and backward of :func:`deepalign.kernels.prefill_attention`.
 
-Forward, grid ``(⌈Tq / BLOCK_M⌉, B · Hq)``: FlashAttention-2 online softmax over key blocks with a
+Forward, grid ``(B · Hq, ⌈Tq / BLOCK_M⌉)``: FlashAttention-2 online softmax over key blocks with a
 second running sum for the prefill mass (``l_S ← l_S · α + rowsum(p · m)``); writes ``out``,
 ``mass = l_S / l`` and the row log-sum-exp for backward. Key blocks outside the causal / window
 band of the query block are skipped.
@@ -8,10 +8,10 @@ band of the query block are skipped.
 Backward: ``Δ_i = rowsum(dO ∘ O)_i + g_i · mass_i`` (``g = ∂L/∂mass``), then two kernels that
 recompute ``P = exp(S − lse)`` block by block:
 
-* ``dK, dV``, grid ``(⌈Tk / BLOCK_N⌉, B · Hkv)``: each program owns a key block and loops over the
+* ``dK, dV``, grid ``(B · Hkv, ⌈Tk / BLOCK_N⌉)``: each program owns a key block and loops over the
   ``Hq / Hkv`` query heads that read it (grouped-query attention without atomics) and their query
   blocks: ``dV += Pᵀ dO``, ``dP = dO Vᵀ + g mᵀ``, ``dS = P ∘ (dP − Δ)``, ``dK += dSᵀ Q``;
-* ``dQ``, grid ``(⌈Tq / BLOCK_M⌉, B · Hq)``: ``dQ += dS K``.
+* ``dQ``, grid ``(B · Hq, ⌈Tq / BLOCK_M⌉)``: ``dQ += dS K``.
 
 With softcap, ``dS`` is multiplied by ``1 − tanh²`` of the capped score. Accumulation is float32;
 float32 inputs use IEEE (not TF32) dot products.
@@ -88,9 +88,10 @@ def _load_tile(base, rows, stride, limit, offs_d, d_ok):
 
 @triton.jit
 def _query_program(heads_q, group, BLOCK_M: tl.constexpr):
-    """Indices of a query-block program: ``(start_m, bh, b, h, hk)``."""
-    start_m = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1)
+    """Indices of a query-block program: ``(start_m, bh, b, h, hk)``. Batch · heads is grid axis 0
+    (up to 2³¹ − 1 programs; axis 1 is limited to 65535) and query blocks axis 1."""
+    start_m = tl.program_id(1) * BLOCK_M
+    bh = tl.program_id(0)
     h = bh % heads_q
     return start_m, bh, bh // heads_q, h, h // group
 
@@ -173,8 +174,8 @@ def _dkdv_kernel(
     CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    start_n = tl.program_id(0) * BLOCK_N
-    bhk = tl.program_id(1)
+    start_n = tl.program_id(1) * BLOCK_N
+    bhk = tl.program_id(0)
     b = bhk // heads_kv
     hk = bhk % heads_kv
     cols = start_n + tl.arange(0, BLOCK_N)
@@ -319,7 +320,7 @@ def attention_forward(q, k, v, prefill_u8, kpad_u8, spec: AttentionMask):
     if num_queries == 0:
         return out, mass, lse
     cfg = _config(head_dim)
-    grid = (triton.cdiv(num_queries, cfg["BLOCK_M"]), batch * heads_q)
+    grid = (batch * heads_q, triton.cdiv(num_queries, cfg["BLOCK_M"]))
     _fwd_kernel[grid](
         q, k, v, prefill_u8, kpad_u8 if kpad_u8 is not None else prefill_u8, out, mass, lse,
         *_strides(q, k, v, out), heads_q, heads_q // heads_kv, num_queries, num_keys, head_dim, *_scalars(spec),
@@ -345,11 +346,11 @@ def attention_backward(q, k, v, prefill_u8, kpad_u8, spec, out, mass, lse, grad_
     common = (*_strides(q, k, v, grad_out),)
     flags = _flags(spec, kpad_u8, q.dtype)
     kpad_arg = kpad_u8 if kpad_u8 is not None else prefill_u8
-    _dkdv_kernel[(triton.cdiv(num_keys, cfg["BLOCK_N"]), batch * heads_kv)](
+    _dkdv_kernel[(batch * heads_kv, triton.cdiv(num_keys, cfg["BLOCK_N"]))](
         q, k, v, prefill_u8, kpad_arg, grad_out, lse, delta, grad_mass, dk, dv, *common,
         heads_q, heads_kv, heads_q // heads_kv, num_queries, num_keys, head_dim, *_scalars(spec), **flags, **cfg,
     )
-    _dq_kernel[(triton.cdiv(num_queries, cfg["BLOCK_M"]), batch * heads_q)](
+    _dq_kernel[(batch * heads_q, triton.cdiv(num_queries, cfg["BLOCK_M"]))](
         q, k, v, prefill_u8, kpad_arg, grad_out, lse, delta, grad_mass, dq, *common,
         heads_q, heads_q // heads_kv, num_queries, num_keys, head_dim, *_scalars(spec), **flags, **cfg,
     )
