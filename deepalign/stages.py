@@ -8,6 +8,10 @@
 * ``da``: safety-recovery data augmentation with the utility anchor;
 * ``presto``: DA + PRESTO (weight 1) through the fused attention.
 
+Two fine-tuning attacks on the shallow model can follow (``ATTACK_STAGES``): ``ft-sft`` fine-tunes it
+on harmful examples with plain SFT, ``ft-constrained`` on the same data with the token-wise
+constrained objective (reference: the shallow model), the defence of Qi et al.
+
 Each stage is saved under ``output/<stage>/final`` and skipped when it is already there, so an
 interrupted run resumes. Alignment is short and light next to pretraining, as in the papers.
 """
@@ -20,13 +24,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from deepalign.data.synthetic import SyntheticWorld
-from deepalign.training.world_files import world_rows
 from deepalign.evaluation.synthetic import StageReport, evaluate_stage
 from deepalign.models.loading import load_pretrained, tiny_random_model
-from deepalign.training.recipes import DARecipe, PretrainRecipe, SFTRecipe
+from deepalign.training.attacks import build_attack
+from deepalign.training.recipes import ConstrainedRecipe, DARecipe, PretrainRecipe, SFTRecipe
 from deepalign.training.trainer import Trainer, TrainerConfig
+from deepalign.training.world_files import world_rows
 
 STAGES = ("base", "shallow", "da", "presto")
+ATTACK_STAGES = ("ft-sft", "ft-constrained")
 
 
 @dataclass
@@ -41,6 +47,7 @@ class StageSettings:
     align_steps: int = 150
     align_lr: float = 1e-3
     batch_size: int = 16
+    attack_steps: int = 60
     progress: bool = True
 
 
@@ -92,6 +99,18 @@ def run_stages(output: str | Path, settings: StageSettings | None = None, stages
         models["presto"] = stage("presto", base, lambda: DARecipe(tokenizer, rows["safety"], rows["utility"],
                                                                   presto_weight=1.0),
                                  settings.align_steps, settings.align_lr, attention="deepalign")
+    if "ft-sft" in stages or "ft-constrained" in stages:
+        shallow = models.get("shallow") or stage("shallow", base, lambda: SFTRecipe(tokenizer, rows["refusal_sft"]),
+                                                 settings.align_steps, settings.align_lr)
+        attack = build_attack("harmful", rows["safety"], []).rows
+        if "ft-sft" in stages:
+            models["ft-sft"] = stage("ft-sft", shallow, lambda: SFTRecipe(tokenizer, attack),
+                                     settings.attack_steps, settings.align_lr)
+        if "ft-constrained" in stages:
+            models["ft-constrained"] = stage(
+                "ft-constrained", shallow,
+                lambda: ConstrainedRecipe(tokenizer, attack, copy.deepcopy(shallow), progress=settings.progress),
+                settings.attack_steps, settings.align_lr)
     reports = {name: evaluate_stage(model, tokenizer, world) for name, model in models.items()}
     (output / "reports.json").write_text(json.dumps({"settings": asdict(settings),
                                                      "reports": {k: asdict(v) for k, v in reports.items()}}, indent=1))
@@ -101,11 +120,11 @@ def run_stages(output: str | Path, settings: StageSettings | None = None, stages
 def format_reports(reports: dict[str, StageReport]) -> str:
     """A plain-text table: one row per stage."""
     lengths = sorted(next(iter(reports.values())).prefill_scores)
-    header = (f"{'stage':<9} {'refuse@1':>8} " + " ".join(f"{'prefill' + str(k):>9}" for k in lengths)
+    header = (f"{'stage':<15} {'refuse@1':>8} " + " ".join(f"{'prefill' + str(k):>9}" for k in lengths)
               + f" {'utility':>8} {'rank med':>8} {'top-20':>7}")
     lines = [header, "-" * len(header)]
     for name, r in reports.items():
-        lines.append(f"{name:<9} {r.first_token_refusal:>8.2f} "
+        lines.append(f"{name:<15} {r.first_token_refusal:>8.2f} "
                      + " ".join(f"{r.prefill_scores[k]:>9.3f}" for k in lengths)
                      + f" {r.benign_utility:>8.3f} {r.harmful_rank_median:>8.1f} {r.harmful_rank_top20:>7.2f}")
     return "\n".join(lines)

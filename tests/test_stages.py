@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 import math
 
-from deepalign.stages import STAGES, StageSettings, format_reports, run_stages
+from deepalign.stages import ATTACK_STAGES, STAGES, StageSettings, format_reports, run_stages
 
 
 def test_stages_run_end_to_end_and_resume(tmp_path, monkeypatch):
     # The pipeline's own CPU path: the PyTorch reference attention, not Triton's (slow) interpreter.
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    settings = StageSettings(hidden_size=64, layers=2, pretrain_steps=12, align_steps=4, batch_size=8, progress=False)
+    settings = StageSettings(hidden_size=64, layers=2, pretrain_steps=12, align_steps=4, attack_steps=3, batch_size=8,
+                             progress=False)
     reports = run_stages(tmp_path, settings)
     assert list(reports) == list(STAGES)
     for report in reports.values():
@@ -26,6 +27,12 @@ def test_stages_run_end_to_end_and_resume(tmp_path, monkeypatch):
     again = run_stages(tmp_path, settings)  # every stage is on disk: nothing is trained again
     assert {stage: (tmp_path / stage / "metrics.jsonl").read_text() for stage in STAGES} == metrics
     assert again == reports
+    # The fine-tuning attacks on the shallow model (plain SFT and the constrained objective).
+    attacked = run_stages(tmp_path, settings, stages=STAGES + ATTACK_STAGES)
+    assert list(attacked) == list(STAGES + ATTACK_STAGES)
+    assert all(len((tmp_path / s / "metrics.jsonl").read_text().splitlines()) == settings.attack_steps
+               for s in ATTACK_STAGES)
+    assert "constrained" in (tmp_path / "ft-constrained" / "metrics.jsonl").read_text()
     table = format_reports(reports)
     assert all(stage in table for stage in STAGES) and "prefill10" in table
 
