@@ -9,6 +9,10 @@
     collected.masses        # one [B, Hq, Tq] float32 tensor per attention layer, in layer order,
                             # attached to the autograd graph (PRESTO trains on them)
 
+With activation checkpointing, also pass the mask as the forward keyword ``deepalign_prefill_mask``
+(``model(ids, deepalign_prefill_mask=prefill_mask)``; the training recipes do): recomputation runs
+outside the ``with`` block, and only forward keywords are replayed.
+
 Outside :func:`collect_prefill_mass` the attention is ordinary attention (the prefill mask is
 empty and the mass is dropped), so a model loaded with ``attn_implementation="deepalign"`` can be
 used for everything else too. The implementation honours the keyword arguments that Llama, Qwen2,
@@ -30,6 +34,10 @@ from deepalign.kernels import prefill_attention
 from deepalign.kernels._dispatch import Backend
 
 ATTENTION_NAME = "deepalign"
+# Model-forward keyword that carries the prefill mask to every attention layer. Hugging Face passes
+# forward kwargs down to the attention function and replays them when activation checkpointing
+# recomputes a layer during backward, which a context variable alone would not survive.
+PREFILL_KWARG = "deepalign_prefill_mask"
 
 
 @dataclass
@@ -49,12 +57,7 @@ class PrefillMassCollector:
 
     def keys_mask(self, batch: int, num_keys: int, device: torch.device) -> torch.Tensor:
         """The prefill mask over the ``num_keys`` keys of one attention call, ``[B, Tk]``."""
-        mask = self.prefill_mask.to(device)
-        if mask.shape[0] != batch:
-            raise ValueError(f"prefill_mask has batch size {mask.shape[0]} but the model was called with {batch}")
-        if mask.shape[1] < num_keys:
-            mask = torch.nn.functional.pad(mask, (0, num_keys - mask.shape[1]), value=False)
-        return mask[:, -num_keys:]
+        return keys_mask(self.prefill_mask, batch, num_keys, device)
 
     def stacked(self) -> torch.Tensor:
         """All collected masses as one ``[L, B, Hq, Tq]`` tensor (layers in call order)."""
@@ -62,6 +65,17 @@ class PrefillMassCollector:
             raise RuntimeError("no attention layer ran inside collect_prefill_mass(); was the model loaded "
                                f"with attn_implementation={ATTENTION_NAME!r}?")
         return torch.stack(self.masses)
+
+
+def keys_mask(prefill_mask: torch.Tensor, batch: int, num_keys: int, device: torch.device) -> torch.Tensor:
+    """``prefill_mask [B, T]`` over the ``num_keys`` keys of one attention call: padded with False
+    past its end (generated tokens), or cut to its last ``num_keys`` (a sliding-window cache)."""
+    mask = prefill_mask.to(device=device, dtype=torch.bool)
+    if mask.shape[0] != batch:
+        raise ValueError(f"prefill_mask has batch size {mask.shape[0]} but the model was called with {batch}")
+    if mask.shape[1] < num_keys:
+        mask = torch.nn.functional.pad(mask, (0, num_keys - mask.shape[1]), value=False)
+    return mask[:, -num_keys:]
 
 
 _ACTIVE: contextvars.ContextVar[PrefillMassCollector | None] = contextvars.ContextVar("deepalign_prefill", default=None)
@@ -106,12 +120,14 @@ def deepalign_attention_forward(
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     batch, num_keys = key.shape[0], key.shape[2]
     collector = _ACTIVE.get()
-    if collector is None:
-        prefill_mask = torch.zeros(batch, num_keys, dtype=torch.bool, device=key.device)
-        backend: Backend = "auto"
-    else:
+    given = kwargs.get(PREFILL_KWARG)
+    backend: Backend = collector.backend if collector is not None else "auto"
+    if given is not None:
+        prefill_mask = keys_mask(given, batch, num_keys, key.device)
+    elif collector is not None:
         prefill_mask = collector.keys_mask(batch, num_keys, key.device)
-        backend = collector.backend
+    else:
+        prefill_mask = torch.zeros(batch, num_keys, dtype=torch.bool, device=key.device)
     padding = None if attention_mask is None else attention_mask[:, -num_keys:].to(torch.bool)
     out, mass = prefill_attention(query, key, value, prefill_mask, causal=bool(causal), softmax_scale=scaling,
                                   key_padding_mask=padding, window=sliding_window, softcap=softcap, backend=backend)

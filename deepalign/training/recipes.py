@@ -24,7 +24,7 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from deepalign.models.attention import ATTENTION_NAME, collect_prefill_mass
+from deepalign.models.attention import ATTENTION_NAME, PREFILL_KWARG, collect_prefill_mass
 from deepalign.models.chat import ChatSpans, collate, encode_text
 from deepalign.training.augmentation import SafetyExample, SafetyRecoveryAugmenter, TrainingItem, UtilityExample
 from deepalign.training.losses import (
@@ -178,8 +178,8 @@ class DARecipe:
             raise ValueError(f"presto needs the model loaded with attn_implementation={ATTENTION_NAME!r} "
                              f"(got {model.config._attn_implementation!r})")
         prefill = batch["prefill_mask"].to(ids.device)
-        with collect_prefill_mass(prefill) as collected:
-            logits = model(ids, attention_mask=attention).logits
+        with collect_prefill_mass(prefill) as collected:  # the kwarg also reaches checkpointed recomputation
+            logits = model(ids, attention_mask=attention, **{PREFILL_KWARG: prefill}).logits
         nll, count = token_nll(logits, ids, loss_mask)
         penalty = presto_penalty(collected.stacked(), presto_query_mask(prefill, attention))
         denominator = max(count, 1)

@@ -164,3 +164,23 @@ def test_constrained_gradient_at_initialisation_is_the_sft_gradient(world, token
     want = torch.autograd.grad(sft, params)
     for g, w in zip(got, want):
         assert torch.allclose(g, w, atol=1e-6, rtol=1e-4)
+
+
+def test_presto_gradient_survives_activation_checkpointing(world, tokenizer):
+    """Checkpointed layers are recomputed in backward, outside collect_prefill_mass: the mask must
+    travel as a forward keyword (as DARecipe passes it), or the penalty's gradient vanishes."""
+    from deepalign.training.recipes import DARecipe, make_batch
+
+    recipe = DARecipe(tokenizer, [safety_example(world, i) for i in range(3)],
+                      [UtilityExample("how do i make tea ?", world.compliant_response("tea"))],
+                      augment_probability=1.0, presto_weight=1.0)
+    batch = make_batch(recipe.sample(random.Random(0), 4), tokenizer.pad_token_id)
+    grads = []
+    for checkpointing in (False, True):
+        model = tiny_random_model(vocab_size=len(tokenizer), attn_implementation="deepalign", seed=6).train()
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        terms = recipe.loss_terms(model, batch)
+        grads.append(torch.autograd.grad(terms["loss"], model.model.layers[1].self_attn.q_proj.weight)[0])
+    assert grads[0].abs().max() > 0
+    assert torch.allclose(grads[0], grads[1], atol=1e-6, rtol=1e-4)
