@@ -96,8 +96,9 @@ class Trainer:
             model = _with_lora(model, config)
         trainable = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self._lr_factor)
-        self.model, self.optimizer, self.scheduler = self.accelerator.prepare(model, optimizer, scheduler)
+        self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        # Not prepared: accelerate would step it once per process, and `steps` counts optimizer steps.
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         self.rng = random.Random(config.seed)
         self.step = 0
 
@@ -112,9 +113,12 @@ class Trainer:
     def train(self) -> list[dict]:
         self.output.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(self.config.seed)
+        metrics_path = self.output / "metrics.jsonl"
         if self.config.resume:
             self._resume()
-        metrics_path = self.output / "metrics.jsonl"
+        elif latest_checkpoint(self.output) is not None:
+            raise ValueError(f"{self.output} already holds checkpoints; resume, or choose another output_dir")
+        _truncate_metrics(metrics_path, self.step)  # lines past the resumed step (or all, from step 0) go
         history = _read_metrics(metrics_path)
         self.model.train()
         bar = tqdm(total=self.config.steps, initial=self.step, desc=f"train {self.recipe.name}",
@@ -191,8 +195,11 @@ class Trainer:
         shutil.rmtree(tmp, ignore_errors=True)
         self._write_pretrained(self.accelerator.unwrap_model(self.model), tmp)
         if self.accelerator.is_main_process:
-            torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                        "torch_rng": torch.get_rng_state()}, tmp / STATE_TORCH)
+            rng = {"torch_rng": torch.get_rng_state()}
+            if torch.cuda.is_available():
+                rng["cuda_rng"] = torch.cuda.get_rng_state_all()
+            torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(), **rng},
+                       tmp / STATE_TORCH)
             version, state, gauss = self.rng.getstate()
             (tmp / STATE_JSON).write_text(json.dumps({"step": self.step, "data_rng": [version, list(state), gauss],
                                                       "config": asdict(self.config), "recipe": self.recipe.name}))
@@ -207,7 +214,7 @@ class Trainer:
         state = json.loads((checkpoint / STATE_JSON).read_text())
         if state.get("recipe") != self.recipe.name:
             raise ValueError(f"{checkpoint}: it was written by recipe {state.get('recipe')!r}, not {self.recipe.name!r}; "
-                             "use another output_dir or resume=False")
+                             "use another output_dir")
         model = self.accelerator.unwrap_model(self.model)
         if self.config.lora_rank:
             from peft import set_peft_model_state_dict
@@ -227,10 +234,11 @@ class Trainer:
         self.optimizer.load_state_dict(tensors["optimizer"])
         self.scheduler.load_state_dict(tensors["scheduler"])
         torch.set_rng_state(tensors["torch_rng"])
+        if "cuda_rng" in tensors and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(tensors["cuda_rng"])
         version, rng_state, gauss = state["data_rng"]
         self.rng.setstate((version, tuple(rng_state), gauss))
         self.step = int(state["step"])
-        _truncate_metrics(self.output / "metrics.jsonl", self.step)
 
 
 def _with_lora(model, config: TrainerConfig):
@@ -278,6 +286,8 @@ def _read_metrics(path: Path) -> list[dict]:
 
 def _truncate_metrics(path: Path, step: int) -> None:
     """Keep the metric lines up to ``step`` (those past the checkpoint will be trained again)."""
+    if not path.is_file():
+        return
     rows = [row for row in _read_metrics(path) if row["step"] <= step]
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")

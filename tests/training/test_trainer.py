@@ -183,3 +183,24 @@ def test_gradient_accumulation_averages_micro_batches(world, tokenizer, tmp_path
     history = Trainer(model_for(tokenizer), tokenizer, recipe, config(tmp_path, batch_size=2, grad_accum=2,
                                                                        steps=8)).train()
     assert len(history) == 8 and history[-1]["loss"] < history[0]["loss"]
+
+
+def test_restart_without_checkpoint_starts_the_metrics_over_and_no_resume_refuses_old_checkpoints(
+        world, tokenizer, tmp_path):
+    recipe = lambda: SFTRecipe(tokenizer, utility_rows(world))  # noqa: E731
+    crashed = Trainer(model_for(tokenizer), tokenizer, InterruptAfter(recipe(), 2),
+                      config(tmp_path, checkpoint_every=50))
+    with pytest.raises(Interrupt):
+        crashed.train()
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2
+    history = Trainer(model_for(tokenizer), tokenizer, recipe(), config(tmp_path, steps=3)).train()
+    assert [row["step"] for row in history] == [1, 2, 3]
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 3
+    with pytest.raises(ValueError, match="already holds checkpoints"):
+        Trainer(model_for(tokenizer), tokenizer, recipe(), config(tmp_path, steps=3, resume=False)).train()
+
+
+def test_learning_rate_decays_linearly_per_optimizer_step(world, tokenizer, tmp_path):
+    history = Trainer(model_for(tokenizer), tokenizer, SFTRecipe(tokenizer, utility_rows(world)),
+                      config(tmp_path, steps=4, lr=1e-3)).train()
+    assert [row["lr"] for row in history] == pytest.approx([1e-3, 7.5e-4, 5e-4, 2.5e-4])
