@@ -160,10 +160,17 @@ def rap_attack(model, tokenizer, prompts: Sequence[str], prefills: Sequence[Sequ
     if longest + config.max_new_tokens > context:
         raise ValueError(f"a prompt with its prefill has {longest} tokens; with max_new_tokens = "
                          f"{config.max_new_tokens} it exceeds the model's context of {context}")
+    window = getattr(model.config, "sliding_window", None)
+    if window and longest + config.max_interactions > window:
+        # Sliding-window masks and caches count cache slots, holes included: a row could lose real
+        # tokens it would see alone. The one-at-a-time path has no holes.
+        raise ValueError(f"batched RAP on a sliding-window model (window {window}) needs prompt + max_interactions "
+                         f"≤ window (here {longest} + {config.max_interactions}); use rap_attack_unbatched")
     batch = collate(examples, tokenizer.pad_token_id)
     prompt_mask = batch["attention_mask"].to(device)
     positions = (prompt_mask.cumsum(dim=1) - 1).clamp_min(0)
-    out = model(batch["input_ids"].to(device), attention_mask=prompt_mask, position_ids=positions, use_cache=True)
+    out = model(batch["input_ids"].to(device), attention_mask=prompt_mask, position_ids=positions, use_cache=True,
+                logits_to_keep=1)
     cache, mask = out.past_key_values, prompt_mask.clone()
     rows = [_Row(i, prefix_tail=list(e.input_ids[-2:])) for i, e in enumerate(examples)]
     for row, cands in zip(rows, _candidates(out.logits[:, -1], config.k, tokenizer)):

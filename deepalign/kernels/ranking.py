@@ -153,7 +153,8 @@ def flatten_targets(targets: torch.Tensor | None, lead: torch.Size) -> torch.Ten
     if targets.shape != lead and not (targets.dim() == len(lead) + 1 and targets.shape[:-1] == lead):
         raise ValueError(f"targets must have shape {tuple(lead)} or {tuple(lead)} + (M,) to match the logits' "
                          f"leading shape; got {tuple(targets.shape)}")
-    return targets.reshape(lead.numel(), -1)
+    per_row = targets.shape[-1] if targets.dim() > len(lead) else 1
+    return targets.reshape(lead.numel(), per_row)
 
 
 def concat_results(pieces: list[TopKRank], lead: torch.Size, target_shape: torch.Size | None) -> TopKRank:

@@ -52,7 +52,8 @@ class ToyModel(torch.nn.Module):
         self.config = SimpleNamespace(max_position_embeddings=10_000)
         self.tokenizer, self.table, self.default = tokenizer, table, default
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None, use_cache=False):
+    def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None, use_cache=False,
+                logits_to_keep=0):
         vocab = len(self.tokenizer)
         logits = torch.zeros(input_ids.shape[0], input_ids.shape[1], vocab)
         for b in range(input_ids.shape[0]):
@@ -196,3 +197,10 @@ def test_classifier_selector_flags_candidates_with_a_local_model(world, tokenize
     assert flags == (probs >= middle - 1e-6).tolist() and sum(flags) == 2
     with pytest.raises(ValueError, match="unknown label 'toxic'"):
         ClassifierSelector(model, tokenizer, tokenizer, ["toxic"])
+
+
+def test_batched_rap_refuses_sliding_windows_it_could_overrun(tokenizer):
+    model = tiny_random_model("mistral", vocab_size=len(tokenizer), sliding_window=16)
+    with pytest.raises(ValueError, match=r"sliding-window model \(window 16\)"):
+        rap_attack(model, tokenizer, ["how do i make tea ?"], [[]], LexiconSelector(),
+                   RAPConfig(max_interactions=20, max_new_tokens=8))

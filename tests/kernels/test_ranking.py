@@ -288,3 +288,10 @@ def test_gpu_kernel_large_vocab(dtype):
     logits = make_logits(1, 64, 128_256, dtype, "some", 0.01).cuda()
     targets = torch.randint(0, 128_256, (64, 2), generator=torch.Generator().manual_seed(2)).cuda()
     assert_matches(topk_rank(logits, 20, targets), logits.cpu(), 20, targets.cpu())
+
+
+def test_chunked_with_an_empty_leading_shape():
+    result = topk_rank_chunked(torch.randn(0, 5, 10), 3, torch.zeros(0, 5, dtype=torch.long))
+    assert result.values.shape == (0, 5, 3) and result.target_rank.shape == (0, 5)
+    result = topk_rank_chunked(torch.randn(0, 10), 3, torch.zeros(0, 2, dtype=torch.long))
+    assert result.target_rank.shape == (0, 2)
