@@ -9,8 +9,7 @@ install:
 	bash scripts/install.sh
 
 demo: install
-	$(PYTHON) -m deepalign selfcheck
-	$(PYTHON) -m deepalign stages --output runs/stages
+	$(PYTHON) -m deepalign demo --output runs/demo
 
 test: install
 	$(PYTHON) -m pytest

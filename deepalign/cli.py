@@ -12,6 +12,8 @@
 * ``deepalign judge --results FILE --output FILE --judge ...``: re-judges logged outputs (keyword,
   synthetic, or the StrongREJECT rubric through a local chat model or an OpenAI-compatible endpoint).
 * ``deepalign analyze {attention,kl,ranks} ...``: synthetic-world analyses as an offline HTML report.
+* ``deepalign demo [--quick]``: the whole sequence over several seeds, attacked and judged, with a
+  table and an HTML report.
 * ``deepalign stages --output DIR``: trains base → shallow → DA → DA + PRESTO on the synthetic
   world and prints how each stage behaves under prefilling attacks.
 """
@@ -391,6 +393,18 @@ def _analyze(args: argparse.Namespace) -> int:
     return 0
 
 
+def _demo(args: argparse.Namespace) -> int:
+    from deepalign.demo import DemoSettings, format_table, run_demo, write_demo_report
+
+    seeds = args.seeds if args.seeds else ([0] if args.quick else [0, 1, 2])
+    start = time.perf_counter()
+    rows = run_demo(args.output, DemoSettings(seeds=seeds, quick=args.quick))
+    print(format_table(rows))
+    report = write_demo_report(args.output, rows, seeds[0])
+    print(f"({time.perf_counter() - start:.0f} s, seeds {seeds}) results: {args.output}/results.jsonl  report: {report}")
+    return 0
+
+
 def _stages(args: argparse.Namespace) -> int:
     from deepalign.stages import StageSettings, format_reports, run_stages
 
@@ -529,6 +543,12 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_argument("--world", required=True, help="synthetic world folder (world.json)")
     analyze.add_argument("--output", required=True, help="HTML report to write")
     analyze.set_defaults(run=_analyze)
+
+    demo = commands.add_parser("demo", help="shallow vs deep vs PRESTO on the synthetic world, end to end")
+    demo.add_argument("--quick", action="store_true", help="one seed, a smaller model and shorter training")
+    demo.add_argument("--seeds", type=int, nargs="+", help="seeds (default 0 1 2; --quick: 0)")
+    demo.add_argument("--output", default="runs/demo", help="output folder (default runs/demo; reruns resume)")
+    demo.set_defaults(run=_demo)
 
     stages = commands.add_parser("stages", help="train and evaluate base, shallow, DA and PRESTO on the world")
     stages.add_argument("--output", required=True, help="folder for the models and reports.json (resumable)")
