@@ -96,10 +96,8 @@ def flex_fn_factory():
 
 def timed(fn: Callable, inputs, backward: bool, device) -> tuple[float, float | None]:
     q, k, v, prefill = inputs
-    grads = None
 
     def run():
-        nonlocal grads
         out, mass = fn(q, k, v, prefill)
         if backward:
             loss = out.float().sum() + (mass.sum() if mass is not None else 0.0)

@@ -208,7 +208,8 @@ def _world(args: argparse.Namespace) -> int:
 def _attack(args: argparse.Namespace) -> int:
     from deepalign.attacks.rap import RAPConfig
     from deepalign.attacks.results import ResultLog
-    from deepalign.attacks.runner import choose_judge, decoding_attack, load_targets, prefill_attack, run_rap, summary
+    from deepalign.attacks.generation_attacks import decoding_attack, prefill_attack
+    from deepalign.attacks.runner import choose_judge, load_targets, run_rap, summary
     from deepalign.data.synthetic import SyntheticWorld
     from deepalign.models.generation import Sampling
     from deepalign.models.loading import load_pretrained

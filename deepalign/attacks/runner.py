@@ -10,13 +10,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-from deepalign.attacks.generation_attacks import Judge, decoding_attack, prefill_attack, synthetic_judge
+from deepalign.attacks.generation_attacks import Judge, synthetic_judge
 from deepalign.attacks.rap import RAPConfig, rap_attack
 from deepalign.attacks.results import ResultLog, format_table, summarize
 from deepalign.data.benchmarks import AttackTarget, read_benchmark
 from deepalign.evaluation.judges import is_keyword_refusal, keyword_jailbroken
 from deepalign.models.chat import encode_text
-from deepalign.models.generation import Sampling
 
 
 def world_targets(world, phrasings: Sequence[int] = range(6)) -> list[AttackTarget]:
@@ -70,6 +69,3 @@ def summary(records: list[dict], by: Sequence[str] = ("setting", "category")) ->
     """Mean ± std of the judge score over runs, per setting and category."""
     return format_table(summarize(records, "score", by), by, "score")
 
-
-__all__ = ["choose_judge", "decoding_attack", "keyword_judge", "load_targets", "prefill_attack", "run_rap",
-           "summary", "world_targets", "Sampling"]
