@@ -5,9 +5,11 @@ ids together with the exact spans of each part::
 
     [ prompt (system, user turn, assistant header) | prefill | response | end of turn ]
 
-The template is rendered once with a sentinel as the assistant's content to find the text
-before and after the content; then each part is tokenised *separately* (prompt text, prefill,
-response, end-of-turn text) and the ids are concatenated. So a token never straddles the
+and, inside the prompt, the span of the user's own words (``user``: the request without template
+tokens, which the [CLS] safety signal reads). The template is rendered once with sentinels as the
+user's and the assistant's content to find the template text around them; then each part is
+tokenised *separately* (template text before the user content, the user content, template text up
+to the assistant content, prefill, response, end-of-turn text) and the ids are concatenated. So a token never straddles the
 prompt/prefill, prefill/response or response/end boundary, and the spans are exact by
 construction. (The price: the ids can differ from tokenising the whole string at once, e.g. where a
 tokenizer would merge the last prefill word with the first response word. That is what a prefill
@@ -25,6 +27,8 @@ from typing import Sequence
 import torch
 
 _SENTINEL = "\u2063DEEPALIGN\u2063CONTENT\u2063"
+_USER_SENTINEL = "\u2063DEEPALIGN\u2063USER\u2063"
+PARTS = ("prompt", "prefill", "response", "end")
 
 
 @dataclass(frozen=True)
@@ -33,7 +37,8 @@ class ChatSpans:
 
     ``prompt``: everything before the assistant's content (template, system, user turn, assistant
     header); ``prefill``: forced assistant tokens (may be empty); ``response``: the tokens after the
-    prefill; ``end``: the template's end-of-turn tokens (empty when ``close_turn=False``).
+    prefill; ``end``: the template's end-of-turn tokens (empty when ``close_turn=False``);
+    ``user``: the user's own words inside ``prompt`` (``None`` for plain text, which has no turns).
     """
 
     input_ids: tuple[int, ...]
@@ -41,18 +46,21 @@ class ChatSpans:
     prefill: slice
     response: slice
     end: slice
+    user: slice | None = None
 
     def __len__(self) -> int:
         return len(self.input_ids)
 
     def mask(self, *parts: str) -> torch.Tensor:
         """Bool ``[T]`` mask that is True on the named parts (``"prompt"``, ``"prefill"``,
-        ``"response"``, ``"end"``), e.g. ``mask("response", "end")`` for a refusal loss."""
+        ``"response"``, ``"end"``, ``"user"``), e.g. ``mask("response", "end")`` for a refusal loss."""
         out = torch.zeros(len(self.input_ids), dtype=torch.bool)
         for part in parts:
-            if part not in ("prompt", "prefill", "response", "end"):
-                raise ValueError(f"unknown part {part!r}; expected prompt, prefill, response or end")
-            out[getattr(self, part)] = True
+            if part not in PARTS + ("user",):
+                raise ValueError(f"unknown part {part!r}; expected prompt, prefill, response, end or user")
+            where = getattr(self, part)
+            if where is not None:
+                out[where] = True
         return out
 
     def tokens(self, part: str) -> tuple[int, ...]:
@@ -63,16 +71,23 @@ def template_parts(tokenizer, user: str, system: str | None = None) -> tuple[str
     """``(text before the assistant content, text after it)`` for one user turn, from the
     tokenizer's chat template. Raises ``ValueError`` if the tokenizer has no template or the
     template does not place the assistant content verbatim."""
+    head, between, after = _template_pieces(tokenizer, system)
+    return head + user + between, after
+
+
+def _template_pieces(tokenizer, system: str | None) -> tuple[str, str, str]:
+    """The template text before the user content, between it and the assistant content, and after."""
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError(f"tokenizer {type(tokenizer).__name__} has no chat template")
     messages = ([{"role": "system", "content": system}] if system is not None else []) + [
-        {"role": "user", "content": user}, {"role": "assistant", "content": _SENTINEL}]
+        {"role": "user", "content": _USER_SENTINEL}, {"role": "assistant", "content": _SENTINEL}]
     text = tokenizer.apply_chat_template(messages, tokenize=False)
-    if text.count(_SENTINEL) != 1:
-        raise ValueError("the chat template does not reproduce the assistant's content verbatim; "
-                         "cannot locate the response span")
-    before, after = text.split(_SENTINEL)
-    return before, after
+    if text.count(_SENTINEL) != 1 or text.count(_USER_SENTINEL) != 1 or text.index(_USER_SENTINEL) > text.index(_SENTINEL):
+        raise ValueError("the chat template does not reproduce the user's and the assistant's content verbatim; "
+                         "cannot locate the prompt and response spans")
+    head, rest = text.split(_USER_SENTINEL)
+    between, after = rest.split(_SENTINEL)
+    return head, between, after
 
 
 def encode_text(tokenizer, text: str) -> list[int]:
@@ -97,14 +112,16 @@ def render_chat(
     """
     if not isinstance(user, str):
         raise TypeError(f"user must be a str, got {type(user).__name__}")
-    before, after = template_parts(tokenizer, user, system)
-    pieces = [encode_text(tokenizer, before), _ids(tokenizer, prefill, "prefill"),
-              _ids(tokenizer, response, "response"), encode_text(tokenizer, after) if close_turn else []]
+    head, between, after = _template_pieces(tokenizer, system)
+    pieces = [encode_text(tokenizer, head), encode_text(tokenizer, user), encode_text(tokenizer, between),
+              _ids(tokenizer, prefill, "prefill"), _ids(tokenizer, response, "response"),
+              encode_text(tokenizer, after) if close_turn else []]
     bounds = [0]
     for piece in pieces:
         bounds.append(bounds[-1] + len(piece))
     ids = tuple(i for piece in pieces for i in piece)
-    return ChatSpans(ids, *(slice(bounds[i], bounds[i + 1]) for i in range(4)))
+    return ChatSpans(ids, slice(0, bounds[3]), *(slice(bounds[i], bounds[i + 1]) for i in range(3, 6)),
+                     user=slice(bounds[1], bounds[2]))
 
 
 def _ids(tokenizer, value: str | Sequence[int], name: str) -> list[int]:
@@ -121,13 +138,13 @@ def _ids(tokenizer, value: str | Sequence[int], name: str) -> list[int]:
 def collate(examples: Sequence[ChatSpans], pad_id: int, *, left_pad: bool = True) -> dict[str, torch.Tensor]:
     """Pad a batch of :class:`ChatSpans` to ``[B, T]``: ``input_ids``, ``attention_mask`` (1 = real
     token) and, per part, a bool mask (``prompt_mask``, ``prefill_mask``, ``response_mask``,
-    ``end_mask``). Left padding by default, as decoding from the end of each row needs."""
+    ``end_mask``, ``user_mask``). Left padding by default, as decoding from the end of each row needs."""
     if not examples:
         raise ValueError("collate needs at least one example")
     length = max(len(e) for e in examples)
     batch = {"input_ids": torch.full((len(examples), length), pad_id, dtype=torch.long),
              "attention_mask": torch.zeros(len(examples), length, dtype=torch.long)}
-    parts = ("prompt", "prefill", "response", "end")
+    parts = PARTS + ("user",)
     for part in parts:
         batch[f"{part}_mask"] = torch.zeros(len(examples), length, dtype=torch.bool)
     for row, example in enumerate(examples):

@@ -83,3 +83,15 @@ def test_tokenizer_without_template_is_refused():
     bare = PreTrainedTokenizerFast(tokenizer_object=SyntheticWorld.build(0).tokenizer().backend_tokenizer)
     with pytest.raises(ValueError, match="has no chat template"):
         render_chat(bare, "hi")
+
+
+@pytest.mark.parametrize("which", ["synthetic", "smol"])
+def test_user_span_is_the_request_alone(which, request):
+    tokenizer = request.getfixturevalue(which)
+    user = "how do i make bomb ?" if which == "synthetic" else "How do I pick a lock?"
+    spans = render_chat(tokenizer, user, prefill="sure", system="be brief")
+    assert spans.prompt.start <= spans.user.start < spans.user.stop <= spans.prompt.stop
+    assert list(spans.tokens("user")) == tokenizer(user, add_special_tokens=False)["input_ids"]
+    batch = collate([spans, render_chat(tokenizer, user + " " + user)], tokenizer.pad_token_id or 0)
+    assert batch["user_mask"][0].sum() == spans.user.stop - spans.user.start
+    assert torch.equal(batch["user_mask"][0, -len(spans):], spans.mask("user"))
