@@ -12,6 +12,12 @@ Two fine-tuning attacks on the shallow model can follow (``ATTACK_STAGES``): ``f
 on harmful examples with plain SFT, ``ft-constrained`` on the same data with the token-wise
 constrained objective (reference: the shallow model), the defence of Qi et al.
 
+``cls`` (Li & Kim's explicit safety signal) gives a copy of the base model the [CLS] token and head,
+continues pretraining with the pretraining routing (λ = 0.01, ``cls-pretrain/``), then fine-tunes it
+on the balanced refusal/answer mixture with the SFT routing (λ = 0.1); its requests of the held-out
+phrasings stay out of both (:func:`deepalign.training.world_files.cls_rows`). It has no row in the
+stage reports: the demo decodes it with the defense.
+
 Each stage is saved under ``output/<stage>/final`` and skipped when it is already there, so an
 interrupted run resumes. Alignment is short and light next to pretraining, as in the papers.
 """
@@ -29,10 +35,11 @@ from deepalign.models.loading import load_pretrained, tiny_random_model
 from deepalign.training.attacks import build_attack
 from deepalign.training.recipes import ConstrainedRecipe, DARecipe, PretrainRecipe, SFTRecipe
 from deepalign.training.trainer import Trainer, TrainerConfig
-from deepalign.training.world_files import world_rows
+from deepalign.training.world_files import cls_rows, world_rows
 
 STAGES = ("base", "shallow", "da", "presto")
 ATTACK_STAGES = ("ft-sft", "ft-constrained")
+CLS_STAGE = "cls"
 
 
 @dataclass
@@ -48,6 +55,7 @@ class StageSettings:
     align_lr: float = 1e-3
     batch_size: int = 16
     attack_steps: int = 60
+    cls_pretrain_steps: int = 300
     progress: bool = True
 
 
@@ -111,10 +119,35 @@ def run_stages(output: str | Path, settings: StageSettings | None = None, stages
                 "ft-constrained", shallow,
                 lambda: ConstrainedRecipe(tokenizer, attack, copy.deepcopy(shallow), progress=settings.progress),
                 settings.attack_steps, settings.align_lr)
+    if CLS_STAGE in stages:
+        train_cls_stage(output, base, world, settings)
     reports = {name: evaluate_stage(model, tokenizer, world) for name, model in models.items()}
     (output / "reports.json").write_text(json.dumps({"settings": asdict(settings),
                                                      "reports": {k: asdict(v) for k, v in reports.items()}}, indent=1))
     return reports
+
+
+def train_cls_stage(output: Path, base, world: SyntheticWorld, settings: StageSettings) -> Path:
+    """Train (or find) the [CLS] model under ``output/cls/final``; returns that folder."""
+    from deepalign.models.safety_cls import add_safety_cls, load_safety_cls
+    from deepalign.training.cls_recipe import CLSRecipe
+
+    final = output / CLS_STAGE / "final"
+    if final.is_dir():
+        return final
+    rows = cls_rows(world)
+    pretrained = output / "cls-pretrain" / "final"
+    if pretrained.is_dir():
+        model, tokenizer = load_safety_cls(pretrained)
+    else:
+        model, tokenizer = copy.deepcopy(base), world.tokenizer()
+        add_safety_cls(model, tokenizer, seed=settings.seed)
+        _train(model, tokenizer, CLSRecipe(tokenizer, "pretrain", texts=rows["texts"],
+                                           malicious=rows["pretrain_malicious"], benign=rows["pretrain_benign"]),
+               output / "cls-pretrain", settings.cls_pretrain_steps, settings.align_lr, settings)
+    _train(model, tokenizer, CLSRecipe(tokenizer, "sft", malicious=rows["sft_malicious"], benign=rows["sft_benign"]),
+           output / CLS_STAGE, settings.align_steps, settings.align_lr, settings)
+    return final
 
 
 def format_reports(reports: dict[str, StageReport]) -> str:

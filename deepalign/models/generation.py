@@ -77,3 +77,20 @@ def generate_after_prefill(model, tokenizer, prompts: Sequence[str], prefills: S
         cut = next((i for i, t in enumerate(generated) if t in ends), len(generated))
         texts.append(tokenizer.decode(list(example.tokens("prefill")) + generated[:cut], skip_special_tokens=True))
     return texts
+
+
+def sample_next_token(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None = None) -> int:
+    """One token from last-position ``logits [V]`` under ``sampling`` (the filters of Hugging Face's
+    ``generate``: temperature, then top-k, then top-p keeping the smallest set with mass ≥ p)."""
+    if sampling.greedy:
+        return int(torch.argmax(logits))
+    scores = logits.float() / sampling.temperature
+    if sampling.top_k:
+        kth = torch.topk(scores, min(sampling.top_k, scores.numel())).values[-1]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if sampling.top_p < 1.0:
+        ordered, order = torch.sort(scores, descending=True)
+        mass_before = torch.softmax(ordered, dim=-1).cumsum(dim=-1) - torch.softmax(ordered, dim=-1)
+        scores = scores.clone()
+        scores[order[mass_before >= sampling.top_p]] = float("-inf")
+    return int(torch.multinomial(torch.softmax(scores, dim=-1), 1, generator=generator))

@@ -36,6 +36,33 @@ def world_rows(world: SyntheticWorld) -> dict[str, list]:
             "identity_sft": identity, "backdoor_sft": backdoor}
 
 
+CLS_HELD_OUT_PHRASINGS = (4, 5)
+
+
+def cls_rows(world: SyntheticWorld, held_out: tuple[int, ...] = CLS_HELD_OUT_PHRASINGS) -> dict[str, list]:
+    """Rows for the [CLS] stages, with the request phrasings ``held_out`` kept out of training:
+
+    * ``texts``: the knowledge stream, each sentence labelled 1 when its item is harmful;
+    * ``pretrain_malicious`` / ``pretrain_benign``: compliant chats (the base model's), by label;
+    * ``sft_malicious``: harmful request → refusal; ``sft_benign``: benign request → answer;
+    * ``held_out``: ``(request, label)`` for every item in the held-out phrasings.
+    """
+    phrasings = [p for p in range(len(REQUEST_PHRASINGS)) if p not in held_out]
+    if not phrasings or any(not 0 <= p < len(REQUEST_PHRASINGS) for p in held_out):
+        raise ValueError(f"held_out must name some, not all, of the phrasings 0 … {len(REQUEST_PHRASINGS) - 1}")
+    harmful, benign = world.harmful_items(), world.benign_items()
+
+    def chats(items, answer):
+        return [UtilityExample(world.request(i, p), answer(i, p)) for i in items for p in phrasings]
+
+    return {"texts": [(world.knowledge_text(i), int(i.harmful)) for i in world.items.values()],
+            "pretrain_malicious": chats(harmful, lambda i, p: world.compliant_response(i)),
+            "pretrain_benign": chats(benign, lambda i, p: world.compliant_response(i)),
+            "sft_malicious": chats(harmful, world.refusal),
+            "sft_benign": chats(benign, lambda i, p: world.compliant_response(i)),
+            "held_out": [(world.request(i, p), int(i.harmful)) for i in world.items.values() for p in held_out]}
+
+
 def write_world(output: str | Path, *, seed: int = 0, model_family: str = "llama") -> dict[str, Path]:
     """Write ``world.json``, ``model/`` (random init with the tokenizer), ``knowledge.txt`` (the
     plain knowledge stream, one text per line) and one JSON-lines file per entry of

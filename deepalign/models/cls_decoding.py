@@ -1,0 +1,255 @@
+"""Decoding with the [CLS] safety signal: re-classification on a KV cache, strategic decoding.
+
+One response at a time. The first pass reads ``[CLS] <bos> prompt prefill`` under the SFT routing
+(:mod:`deepalign.models.safety_cls`); [CLS]'s verdict there is the first classification (the input
+window). Every later step feeds the chosen token, and, when the schedule asks for a
+re-classification, a fresh [CLS] query *in the same forward pass*: it attends to the window of
+:class:`~deepalign.models.cls_strategy.Strategy` (the new token included), the new token attends to
+the fresh [CLS], and the old [CLS] cache slot is masked out from then on. So a re-classification
+costs one more query in a pass the step makes anyway, and response tokens always read the latest
+safety signal.
+
+Cache slots are never moved: a withdrawn token (strategic decoding after a confirmed switch) or a
+stale [CLS] becomes a masked *hole*, and position ids count real tokens only ([CLS] at 0). Each pass
+gets an explicit 4-D mask.
+
+:meth:`DefendedDecoder.next_token_logits` is the defended model seen as a next-token oracle for a
+prompt + prefill (what a prefilling API serves): the model's logits, or, when the first
+classification is malicious, only the lead-in's first token. RAP attacks that oracle.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from deepalign.models.chat import collate, encode_text, render_chat
+from deepalign.models.cls_strategy import Insertion, Strategy, StrategyConfig
+from deepalign.models.generation import GREEDY, Sampling, end_token_ids, sample_next_token
+from deepalign.models.safety_cls import additive_mask, cls_forward, cls_token_id, insert_cls, stage_visibility
+
+DEFAULT_LEAD_IN = "Sorry, I cannot fulfill your request because"
+
+
+@dataclass
+class DefenseTrace:
+    """What the defense did for one response: every verdict as ``(step, p(malicious))`` (step 0 is
+    the first classification), the forward passes and how many of them re-classified, the lead-in
+    insertion (content index and rule, if any) and the tokens withdrawn for it."""
+
+    verdicts: list[tuple[int, float]] = field(default_factory=list)
+    passes: int = 0
+    classifications: int = 0
+    insertion: Insertion | None = None
+    withdrawn: int = 0
+    seconds: float = 0.0
+
+
+@dataclass
+class DefendedOutput:
+    text: str  # the assistant text, prefill included, up to the first end token
+    tokens: list[int]  # response tokens (prefill, generated and inserted), end token excluded
+    trace: DefenseTrace
+
+
+@dataclass
+class _Slot:
+    kind: str  # "cls" or "token"
+    alive: bool
+    content: int | None  # content index (None: template token or [CLS])
+    response: bool  # prefill / generated / inserted token (these read [CLS])
+
+
+class DefendedDecoder:
+    """``DefendedDecoder(model, tokenizer, StrategyConfig(...), lead_in=...)``. ``use_cls=False``
+    decodes the same way with no [CLS] at all (plain decoding, the baseline of the overhead
+    benchmark)."""
+
+    def __init__(self, model, tokenizer, config: StrategyConfig = StrategyConfig(), *,
+                 lead_in: str = DEFAULT_LEAD_IN, system: str | None = None, use_cls: bool = True):
+        self.model, self.tokenizer, self.config, self.system = model, tokenizer, config, system
+        self.use_cls = use_cls
+        self.cls_id = cls_token_id(model) if use_cls else None
+        self.lead_in = encode_text(tokenizer, lead_in)
+        if use_cls and config.strategic_decoding and not self.lead_in:
+            raise ValueError("lead_in is empty: strategic decoding needs a refusal lead-in")
+        self.ends = set(end_token_ids(tokenizer))
+        self.device = next(model.parameters()).device
+
+    # ----- one response -------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(self, prompt: str, prefill: Sequence[int] = (), sampling: Sampling = GREEDY, *,
+                 max_new_tokens: int = 64, generator: torch.Generator | None = None,
+                 stop_at_end: bool = True) -> DefendedOutput:
+        """Decode after ``prompt`` and the forced ``prefill`` tokens; ``max_new_tokens`` bounds the
+        tokens after the prefill (inserted ones included)."""
+        started = time.perf_counter()
+        state = _Decoding(self, prompt, list(prefill))
+        step = 0
+        while len(state.response) - len(state.prefill) < max_new_tokens:
+            step += 1
+            forced = bool(state.forced)
+            token = state.forced.pop(0) if forced else sample_next_token(state.logits, sampling, generator)
+            if stop_at_end and not forced and token in self.ends:
+                break
+            state.advance(token, step)
+        state.trace.seconds = time.perf_counter() - started
+        text = self.tokenizer.decode(state.response, skip_special_tokens=True)
+        return DefendedOutput(text, list(state.response), state.trace)
+
+    @torch.no_grad()
+    def classify(self, prompt: str, prefill: Sequence[int] = ()) -> float:
+        """p(malicious) of the first classification of ``prompt`` (the input window)."""
+        if not self.use_cls:
+            raise ValueError("classify needs use_cls=True")
+        return _Decoding(self, prompt, list(prefill)).trace.verdicts[0][1]
+
+    @torch.no_grad()
+    def next_token_logits(self, prompt: str, prefill: Sequence[int]) -> torch.Tensor:
+        """Logits ``[V]`` the defended model serves after ``prompt`` + ``prefill``: the model's, or
+        ``-inf`` everywhere but the lead-in's first token when the first classification is malicious."""
+        state = _Decoding(self, prompt, list(prefill))
+        if state.forced:
+            logits = torch.full_like(state.logits, float("-inf"))
+            logits[state.forced[0]] = 0.0
+            return logits
+        return state.logits
+
+    def generate_many(self, prompts: Sequence[str], prefills: Sequence[Sequence[int]], sampling: Sampling = GREEDY,
+                      *, seed: int | None = None, max_new_tokens: int = 64, progress: bool = False
+                      ) -> list[DefendedOutput]:
+        if len(prompts) != len(prefills):
+            raise ValueError(f"prompts ({len(prompts)}) and prefills ({len(prefills)}) must have the same length")
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        return [self.generate(p, f, sampling, max_new_tokens=max_new_tokens, generator=generator)
+                for p, f in tqdm(list(zip(prompts, prefills)), desc="defended decoding", disable=not progress)]
+
+
+class _Decoding:
+    """The cache, the slots and the strategy of one response in progress."""
+
+    def __init__(self, decoder: DefendedDecoder, prompt: str, prefill: list[int]):
+        self.decoder = decoder
+        self.trace = DefenseTrace()
+        self.prefill = prefill
+        self.response = list(prefill)
+        self.forced: list[int] = []
+        spans = render_chat(decoder.tokenizer, prompt, prefill=prefill, close_turn=False, system=decoder.system)
+        batch = collate([spans], decoder.tokenizer.pad_token_id or 0)
+        user = batch["user_mask"][0].tolist()
+        response = batch["prefill_mask"][0].tolist()
+        self.n_input = sum(user)
+        self.slots: list[_Slot] = []
+        content = 0
+        if decoder.use_cls:
+            self.slots.append(_Slot("cls", True, None, False))
+        for is_user, is_response in zip(user, response):
+            index = content if (is_user or is_response) else None
+            content += index is not None
+            self.slots.append(_Slot("token", True, index, is_response))
+        self.content_length = content
+        self.position = len(spans) + decoder.use_cls  # position id of the next token ([CLS] takes 0)
+        model = decoder.model
+        window = getattr(model.config, "sliding_window", None)
+        self.window_limit = window
+        if decoder.use_cls:
+            widened = insert_cls(batch, decoder.cls_id, decoder.tokenizer.pad_token_id or 0)
+            widened = {k: v.to(decoder.device) if torch.is_tensor(v) else v for k, v in widened.items()}
+            output, cls_logit = cls_forward(model, widened["input_ids"], stage_visibility(widened, "sft"),
+                                            widened["position_ids"], widened["cls_index"], use_cache=True)
+            p = float(torch.sigmoid(cls_logit[0]))
+            self.trace.verdicts.append((0, p))
+            self.trace.classifications += 1
+            self.strategy = Strategy(decoder.config, self.n_input)
+            self._apply(self.strategy.start(p >= decoder.config.threshold, self.content_length))
+        else:
+            ids = batch["input_ids"].to(decoder.device)
+            output = model(ids, use_cache=True)
+            self.strategy = None
+        self.trace.passes += 1
+        self.cache = output.past_key_values
+        self.logits = output.logits[0, -1].float()
+
+    def advance(self, token: int, step: int) -> None:
+        """Feed ``token`` (and a fresh [CLS] when the schedule asks) in one pass."""
+        decoder = self.decoder
+        self.response.append(token)
+        token_slot = _Slot("token", True, self.content_length, True)
+        self.content_length += 1
+        reclassify = self.strategy is not None and self.strategy.due(step)
+        queries: list[_Slot] = []
+        ids, positions = [], []
+        if reclassify:
+            window = self.strategy.window(self.content_length)
+            queries.append(_Slot("cls", True, None, False))
+            ids.append(decoder.cls_id)
+            positions.append(0)
+        queries.append(token_slot)
+        ids.append(token)
+        positions.append(self.position)
+        self.position += 1
+        if reclassify:
+            for slot in self.slots:
+                if slot.kind == "cls":
+                    slot.alive = False
+        keys = self.slots + queries
+        if self.window_limit and len(keys) > self.window_limit:
+            raise ValueError(f"the defended sequence has {len(keys)} cache slots, more than the model's sliding "
+                             f"window of {self.window_limit}")
+        visible = torch.zeros(len(queries), len(keys), dtype=torch.bool)
+        for q, query in enumerate(queries):
+            for k, key in enumerate(keys):
+                if query.kind == "cls":
+                    visible[q, k] = key is query or (key.alive and key.content is not None
+                                                      and key.content in window)
+                else:
+                    visible[q, k] = key.alive and (key.kind == "token" or query.response) and \
+                        (k < len(self.slots) or key is query or key.kind == "cls")
+        output, cls_logit = self._forward(ids, positions, visible, reclassify)
+        self.slots.extend(queries)
+        self.logits = output.logits[0, -1].float()
+        if reclassify:
+            p = float(torch.sigmoid(cls_logit[0]))
+            self.trace.verdicts.append((step, p))
+            self.trace.classifications += 1
+            self._apply(self.strategy.observe(p >= decoder.config.threshold, step, self.content_length))
+
+    def _forward(self, ids: list[int], positions: list[int], visible: torch.Tensor, with_cls: bool):
+        """One pass over the queries ``ids`` (a fresh [CLS] first when ``with_cls``) on the cache."""
+        device, model = self.decoder.device, self.decoder.model
+        self.trace.passes += 1
+        inputs = torch.tensor([ids], device=device)
+        position_ids = torch.tensor([positions], device=device)
+        visible = visible[None].to(device)
+        if with_cls:
+            output, cls_logit = cls_forward(model, inputs, visible, position_ids,
+                                            torch.zeros(1, dtype=torch.long, device=device),
+                                            past_key_values=self.cache, use_cache=True)
+        else:
+            dtype = next(model.parameters()).dtype
+            output = model(inputs, attention_mask=additive_mask(visible, dtype), position_ids=position_ids,
+                           past_key_values=self.cache, use_cache=True)
+            cls_logit = None
+        self.cache = output.past_key_values
+        return output, cls_logit
+
+    def _apply(self, insertion: Insertion | None) -> None:
+        """Withdraw the tokens from the insertion point on and queue the lead-in."""
+        if insertion is None:
+            return
+        self.trace.insertion = insertion
+        withdrawn = self.content_length - insertion.at
+        if withdrawn:
+            for slot in self.slots:
+                if slot.content is not None and slot.content >= insertion.at:
+                    slot.alive = False
+            del self.response[len(self.response) - withdrawn:]
+            self.position -= withdrawn
+            self.content_length = insertion.at
+            self.trace.withdrawn += withdrawn
+        self.forced = list(self.decoder.lead_in)
