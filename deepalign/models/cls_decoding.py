@@ -133,6 +133,7 @@ class DefendedDecoder:
 class _Decoding:
     """The cache, the slots and the strategy of one response in progress."""
 
+    @torch.no_grad()
     def __init__(self, decoder: DefendedDecoder, prompt: str, prefill: list[int]):
         self.decoder = decoder
         self.trace = DefenseTrace()
@@ -153,6 +154,8 @@ class _Decoding:
             content += index is not None
             self.slots.append(_Slot("token", True, index, is_response))
         self.content_length = content
+        # Per cache slot: token id, position id and what it saw (the replay a test checks us against).
+        self.replay: tuple[list[int], list[int], list[list[bool]]] = ([], [], [])
         self.position = len(spans) + decoder.use_cls  # position id of the next token ([CLS] takes 0)
         model = decoder.model
         window = getattr(model.config, "sliding_window", None)
@@ -160,8 +163,10 @@ class _Decoding:
         if decoder.use_cls:
             widened = insert_cls(batch, decoder.cls_id, decoder.tokenizer.pad_token_id or 0)
             widened = {k: v.to(decoder.device) if torch.is_tensor(v) else v for k, v in widened.items()}
-            output, cls_logit = cls_forward(model, widened["input_ids"], stage_visibility(widened, "sft"),
-                                            widened["position_ids"], widened["cls_index"], use_cache=True)
+            visible = stage_visibility(widened, "sft")
+            output, cls_logit = cls_forward(model, widened["input_ids"], visible, widened["position_ids"],
+                                            widened["cls_index"], use_cache=True)
+            self._record(widened["input_ids"][0].tolist(), widened["position_ids"][0].tolist(), visible[0])
             p = float(torch.sigmoid(cls_logit[0]))
             self.trace.verdicts.append((0, p))
             self.trace.classifications += 1
@@ -171,10 +176,14 @@ class _Decoding:
             ids = batch["input_ids"].to(decoder.device)
             output = model(ids, use_cache=True)
             self.strategy = None
+            width = ids.shape[1]
+            self._record(ids[0].tolist(), list(range(width)),
+                         torch.ones(width, width, dtype=torch.bool).tril())
         self.trace.passes += 1
         self.cache = output.past_key_values
         self.logits = output.logits[0, -1].float()
 
+    @torch.no_grad()
     def advance(self, token: int, step: int) -> None:
         """Feed ``token`` (and a fresh [CLS] when the schedule asks) in one pass."""
         decoder = self.decoder
@@ -211,6 +220,7 @@ class _Decoding:
                     visible[q, k] = key.alive and (key.kind == "token" or query.response) and \
                         (k < len(self.slots) or key is query or key.kind == "cls")
         output, cls_logit = self._forward(ids, positions, visible, reclassify)
+        self._record(ids, positions, visible)
         self.slots.extend(queries)
         self.logits = output.logits[0, -1].float()
         if reclassify:
@@ -237,6 +247,11 @@ class _Decoding:
             cls_logit = None
         self.cache = output.past_key_values
         return output, cls_logit
+
+    def _record(self, ids: list[int], positions: list[int], visible: torch.Tensor) -> None:
+        self.replay[0].extend(ids)
+        self.replay[1].extend(positions)
+        self.replay[2].extend(row.tolist() for row in visible.cpu())
 
     def _apply(self, insertion: Insertion | None) -> None:
         """Withdraw the tokens from the insertion point on and queue the lead-in."""
