@@ -17,6 +17,8 @@ def test_quick_demo_fills_every_row(tmp_path, capsys, monkeypatch):
         line = next(l for l in out.splitlines() if l.startswith(model + " ") and "±" in l)
         numbers = [float(x) for x in line.split()[1:] if x != "±"]
         assert len(numbers) == 2 * len(METRICS) and all(math.isfinite(x) for x in numbers)
+    accuracy = next(l for l in out.splitlines() if l.startswith("cls: held-out request classification accuracy"))
+    assert 0 <= float(accuracy.split()[-3]) <= 1
     records = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
     assert sorted(r["model"] for r in records) == sorted(MODELS)
     assert all(0 <= r[m] <= 1 for r in records for m in METRICS)

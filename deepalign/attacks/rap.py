@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -212,8 +212,13 @@ def rap_attack(model, tokenizer, prompts: Sequence[str], prefills: Sequence[Sequ
 
 @torch.no_grad()
 def rap_attack_unbatched(model, tokenizer, prompts: Sequence[str], prefills: Sequence[Sequence[int]],
-                         selector: Selector, config: RAPConfig = RAPConfig()) -> list[RAPResult]:
-    """The same algorithm one prompt at a time, recomputing the whole sequence at every step."""
+                         selector: Selector, config: RAPConfig = RAPConfig(), *,
+                         next_logits: Callable[[str, list[int]], torch.Tensor] | None = None) -> list[RAPResult]:
+    """The same algorithm one prompt at a time, recomputing the whole sequence at every step.
+
+    ``next_logits(prompt, prefill_tokens) -> [V]`` replaces the model as the oracle RAP queries:
+    e.g. a defended model (:meth:`deepalign.models.cls_decoding.DefendedDecoder.next_token_logits`),
+    which serves ``-inf`` for every token it will not emit."""
     device = next(model.parameters()).device
     end_tokens = _end_tokens(tokenizer)
     if hasattr(selector, "begin"):
@@ -224,7 +229,9 @@ def rap_attack_unbatched(model, tokenizer, prompts: Sequence[str], prefills: Seq
         base = list(render_chat(tokenizer, prompt, prefill=list(prefill), close_turn=False).input_ids)
         row = _Row(index, prefix_tail=base[-2:])
 
-        def next_candidates(selected):
+        def next_candidates(selected, prompt=prompt, prefill=list(prefill)):
+            if next_logits is not None:
+                return _candidates(next_logits(prompt, prefill + selected)[None], config.k, tokenizer)[0]
             ids = torch.tensor([base + selected], device=device)
             return _candidates(model(ids).logits[:, -1], config.k, tokenizer)[0]
 
