@@ -3,11 +3,13 @@
 * ``deepalign selfcheck``: runs the fused kernels on fresh random inputs (on a GPU if there is
   one, else in Triton's CPU interpreter) and compares them with their PyTorch references and a
   float64 computation; exits non-zero on any mismatch.
-* ``deepalign train --recipe {sft,da,presto,constrained} ...``: trains a local model.
+* ``deepalign train --recipe {pretrain,sft,da,presto,constrained,ft-attack,cls-pretrain,cls-sft} ...``:
+  trains a local model (the cls-* recipes add and train the [CLS] safety signal).
 * ``deepalign world --output DIR``: writes the synthetic chat world (data files, tokenizer and an
   untrained model sized for it).
 * ``deepalign attack {prefill,rap,decoding} ...``: attacks a local model on a benchmark file or
-  the synthetic world, judges every output, logs JSON lines (resumable) and prints a summary.
+  the synthetic world, judges every output, logs JSON lines (resumable) and prints a summary;
+  ``--defense cls`` attacks a [CLS] model behind its defense.
 * ``deepalign autorap {data,train} ...``: the AutoRAP classifier's refusal data and training.
 * ``deepalign judge --results FILE --output FILE --judge ...``: re-judges logged outputs (keyword,
   synthetic, or the StrongREJECT rubric through a local chat model or an OpenAI-compatible endpoint).
@@ -134,6 +136,10 @@ def _train(args: argparse.Namespace) -> int:
     from deepalign.training.trainer import Trainer, TrainerConfig
 
     recipe_name = args.recipe
+    if recipe_name.startswith("cls-"):
+        return _train_cls(args)
+    if args.malicious_texts is not None or args.cls_weight is not None:
+        raise SystemExit("deepalign train: --malicious-texts and --cls-weight only apply to the cls-* recipes")
     needs = {"sft": ("chat",), "da": ("safety",), "presto": ("safety",), "constrained": ("chat",),
              "pretrain": ("texts",), "ft-attack": ("attack",)}[recipe_name]
     for name in needs:
@@ -192,6 +198,54 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_cls(args: argparse.Namespace) -> int:
+    """cls-pretrain / cls-sft: malicious chats are the --safety rows (cls-sft: prompt → refusal;
+    cls-pretrain: prompt → harmful response), benign chats the --chat rows. A model without the
+    [CLS] token and head gets them first."""
+    from deepalign.data.rows import SafetyExample, UtilityExample, read_rows
+    from deepalign.models.loading import load_pretrained
+    from deepalign.models.safety_cls import CONFIG_KEY, add_safety_cls, load_safety_cls
+    from deepalign.training.cls_recipe import CLSRecipe
+    from deepalign.training.trainer import Trainer, TrainerConfig
+
+    stage = args.recipe.removeprefix("cls-")
+    for name in ("safety", "chat") + (("texts", "malicious_texts") if stage == "pretrain" else ()):
+        if getattr(args, name) is None:
+            raise SystemExit(f"deepalign train: --recipe {args.recipe} needs --{name.replace('_', '-')}")
+    if stage == "sft" and (args.texts or args.malicious_texts):
+        raise SystemExit("deepalign train: --recipe cls-sft takes chat rows only (--safety, --chat), not texts")
+    if args.lora_rank:
+        raise SystemExit("deepalign train: the cls-* recipes train full weights (the head and the [CLS] embedding)")
+    safety = read_rows(args.safety, SafetyExample)
+    benign = read_rows(args.chat, UtilityExample)
+    malicious = [UtilityExample(r.prompt, r.refusal if stage == "sft" else r.harmful_response) for r in safety]
+    texts = []
+    for path, label in ((args.texts, 0), (args.malicious_texts, 1)):
+        if path:
+            texts += [(line.strip(), label) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    from transformers import AutoConfig
+
+    from deepalign.models.loading import resolve_source
+
+    folder, gguf = resolve_source(args.model)
+    has_head = gguf is None and getattr(AutoConfig.from_pretrained(folder, local_files_only=True), CONFIG_KEY, None)
+    if has_head:
+        model, tokenizer = load_safety_cls(folder)
+    else:
+        model, tokenizer = load_pretrained(args.model)
+        add_safety_cls(model, tokenizer, seed=args.seed)
+    recipe = CLSRecipe(tokenizer, stage, texts=texts, malicious=malicious, benign=benign, cls_weight=args.cls_weight)
+    config = TrainerConfig(output_dir=args.output, steps=args.steps, batch_size=args.batch_size,
+                           grad_accum=args.grad_accum, lr=args.lr, checkpoint_every=args.checkpoint_every,
+                           seed=args.seed, mixed_precision="bf16" if args.bf16 else "no", resume=not args.no_resume)
+    history = Trainer(model, tokenizer, recipe, config).train()
+    last = history[-1] if history else {}
+    print(f"trained {args.recipe} for {len(history)} steps; last step: "
+          + ", ".join(f"{k}={v}" for k, v in last.items() if k not in ("step",)))
+    print(f"model: {args.output}/final   metrics: {args.output}/metrics.jsonl")
+    return 0
+
+
 def _world(args: argparse.Namespace) -> int:
     from deepalign.training.world_files import write_world
 
@@ -210,7 +264,7 @@ def _attack(args: argparse.Namespace) -> int:
     from deepalign.attacks.results import ResultLog
     from deepalign.attacks.generation_attacks import decoding_attack, prefill_attack
     from deepalign.attacks.runner import choose_judge, load_targets, run_rap, summary
-    from deepalign.data.synthetic import SyntheticWorld
+    from deepalign.data.synthetic import REFUSAL_LEAD_IN, SyntheticWorld
     from deepalign.models.generation import Sampling
     from deepalign.models.loading import load_pretrained
 
@@ -218,23 +272,36 @@ def _attack(args: argparse.Namespace) -> int:
     selector = _rap_selector(args, world) if args.kind == "rap" else None
     targets = load_targets(args.targets, world, args.format, args.limit)
     judge = choose_judge(args.judge or ("synthetic" if world else "keyword"), world)
-    model, tokenizer = load_pretrained(args.model)
+    generate = rap = None
+    if args.defense == "cls":
+        from deepalign.attacks.defended import cls_generate, cls_rap
+        from deepalign.models.cls_decoding import DEFAULT_LEAD_IN, DefendedDecoder
+        from deepalign.models.cls_strategy import StrategyConfig
+        from deepalign.models.safety_cls import load_safety_cls
+
+        model, tokenizer = load_safety_cls(args.model)
+        lead_in = args.lead_in or (REFUSAL_LEAD_IN if world else DEFAULT_LEAD_IN)
+        decoder = DefendedDecoder(model, tokenizer, StrategyConfig(schedule=args.schedule, tau=args.tau),
+                                  lead_in=lead_in)
+        generate, rap = cls_generate(decoder, progress=True), cls_rap(decoder)
+    else:
+        model, tokenizer = load_pretrained(args.model)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     log = ResultLog(args.output)
     if args.kind == "prefill":
         records = prefill_attack(model, tokenizer, targets, judge, log, prefill_lengths=args.lengths, runs=args.runs,
                                  sampling=Sampling(args.temperature, args.top_p, None, args.max_new_tokens),
-                                 batch_size=args.batch_size)
+                                 batch_size=args.batch_size, generate=generate)
     elif args.kind == "decoding":
         broken = decoding_attack(model, tokenizer, targets, judge, log, max_new_tokens=args.max_new_tokens,
-                                 batch_size=args.batch_size)
+                                 batch_size=args.batch_size, generate=generate)
         records = [r for r in log.records() if r["id"] in broken]
         print(f"broken by some decoding setting: {sum(broken.values())} of {len(broken)} prompts")
     else:
         config = RAPConfig(k=args.k, max_interactions=args.max_interactions, max_new_tokens=args.max_new_tokens)
         records = run_rap(model, tokenizer, targets, judge, log, selector, config, prefill_tokens=args.prefill_tokens,
-                          batch_size=args.batch_size)
+                          batch_size=args.batch_size, attack=rap)
     print(summary(records))
     print(f"{len(records)} records in {args.output}")
     return 0
@@ -427,7 +494,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = commands.add_parser("train", help="train a local model with a recipe", epilog=TRAIN_HELP,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    train.add_argument("--recipe", required=True, choices=("pretrain", "sft", "da", "presto", "constrained", "ft-attack"))
+    train.add_argument("--recipe", required=True, choices=("pretrain", "sft", "da", "presto", "constrained", "ft-attack",
+                                                           "cls-pretrain", "cls-sft"))
     train.add_argument("--model", required=True, help="local Hugging Face folder or GGUF file to start from")
     train.add_argument("--output", required=True, help="output folder (checkpoints, metrics, final model)")
     train.add_argument("--safety", help="JSON-lines safety rows (da, presto)")
@@ -449,6 +517,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default 1)")
     train.add_argument("--lr", type=float, default=2e-5, help="AdamW learning rate, linear decay (default 2e-5)")
     train.add_argument("--presto-weight", type=float, help="presto: weight of the penalty (default 1)")
+    train.add_argument("--malicious-texts", help="cls-pretrain: plain-text file of malicious texts (label 1; "
+                                                 "--texts are label 0)")
+    train.add_argument("--cls-weight", type=float, help="cls-*: λ of L + λ·L_cls (default 0.01 pretrain, 0.1 sft)")
     train.add_argument("--safety-fraction", type=float, default=0.5,
                        help="da/presto: share of safety examples in a batch (default 0.5)")
     train.add_argument("--checkpoint-every", type=int, default=50, help="steps between checkpoints (default 50)")
@@ -479,6 +550,12 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--judge", choices=("keyword", "synthetic"),
                          help="judge (default: synthetic with --world, else keyword)")
         sub.add_argument("--batch-size", type=int, default=16)
+        sub.add_argument("--defense", choices=("none", "cls"), default="none",
+                         help="cls: decode the [CLS] model behind its defense (re-classification, strategic decoding)")
+        sub.add_argument("--schedule", choices=("each", "first", "periodic", "annealing"), default="annealing",
+                         help="cls defense: re-classification schedule (default annealing)")
+        sub.add_argument("--tau", type=int, default=2, help="cls defense: malicious verdicts confirming a switch (1-3)")
+        sub.add_argument("--lead-in", help="cls defense: refusal lead-in (default: the paper's, or the world's)")
         sub.add_argument("--max-new-tokens", type=int, default={"prefill": 512, "rap": 256, "decoding": 256}[kind])
         sub.set_defaults(run=_attack)
         if kind == "prefill":

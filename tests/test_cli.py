@@ -133,3 +133,29 @@ def test_autorap_from_the_command_line(tmp_path, capsys):
     assert len((tmp_path / "rap.jsonl").read_text().splitlines()) == 2
     with pytest.raises(SystemExit, match="--selector autorap needs --helper"):
         main(["attack", "rap", "--model", model, "--world", world, "--selector", "autorap", "--output", "x"])
+
+
+def test_cls_training_and_defended_attacks_from_the_command_line(tmp_path, capsys):
+    world = tmp_path / "w"
+    assert main(["world", "--output", str(world)]) == 0
+    (tmp_path / "benign.txt").write_text("to make bread : heat oil .\n")
+    (tmp_path / "malicious.txt").write_text("to make bomb : heat oil .\n")
+    args = ["--steps", "2", "--batch-size", "4", "--lr", "1e-3", "--safety", str(world / "safety.jsonl"),
+            "--chat", str(world / "utility.jsonl")]
+    assert main(["train", "--recipe", "cls-pretrain", "--model", str(world / "model"), "--output",
+                 str(tmp_path / "pre"), "--texts", str(tmp_path / "benign.txt"), "--malicious-texts",
+                 str(tmp_path / "malicious.txt"), *args]) == 0
+    assert main(["train", "--recipe", "cls-sft", "--model", str(tmp_path / "pre" / "final"), "--output",
+                 str(tmp_path / "sft"), "--cls-weight", "0.01", *args]) == 0
+    assert "trained cls-sft for 2 steps" in capsys.readouterr().out
+    common = ["--model", str(tmp_path / "sft" / "final"), "--world", str(world), "--max-new-tokens", "4",
+              "--defense", "cls", "--schedule", "each", "--limit", "2"]
+    assert main(["attack", "prefill", *common, "--output", str(tmp_path / "p.jsonl"), "--lengths", "2"]) == 0
+    assert main(["attack", "rap", *common, "--output", str(tmp_path / "r.jsonl"), "--max-interactions", "6"]) == 0
+    assert len((tmp_path / "p.jsonl").read_text().splitlines()) == 2
+    assert len((tmp_path / "r.jsonl").read_text().splitlines()) == 2
+    with pytest.raises(SystemExit, match="needs --malicious-texts"):
+        main(["train", "--recipe", "cls-pretrain", "--model", str(world / "model"), "--output", str(tmp_path / "x"),
+              "--texts", str(tmp_path / "benign.txt"), *args])
+    with pytest.raises(SystemExit, match="only apply to the cls"):
+        main(["train", "--recipe", "sft", "--model", "m", "--output", "o", "--chat", "c", "--cls-weight", "1"])

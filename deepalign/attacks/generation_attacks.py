@@ -42,9 +42,20 @@ def _batches(items: list, size: int) -> Iterator[list]:
         yield items[start:start + size]
 
 
+Generate = Callable[[list[str], list[list[int]], Sampling, int], list[str]]
+
+
+def plain_generate(model, tokenizer) -> Generate:
+    """``generate(prompts, prefills, sampling, seed)``: the model as it is, batched."""
+    return lambda prompts, prefills, sampling, seed: generate_after_prefill(model, tokenizer, prompts, prefills,
+                                                                            sampling, seed=seed)
+
+
 def _run_jobs(model, tokenizer, jobs: list[dict], log: ResultLog, judge: Judge, batch_size: int, progress: bool,
-              description: str) -> list[dict]:
-    """Generate and judge every job not yet in ``log``; jobs in a batch share one sampling setting."""
+              description: str, generate: Generate | None = None) -> list[dict]:
+    """Generate and judge every job not yet in ``log``; jobs in a batch share one sampling setting.
+    ``generate`` replaces plain generation (e.g. a model behind a defense)."""
+    generate = generate or plain_generate(model, tokenizer)
     todo = [job for job in jobs if job["key"] not in log]
     bar = tqdm(total=len(jobs), initial=len(jobs) - len(todo), desc=description, disable=not progress)
     by_setting: dict[tuple, list[dict]] = {}
@@ -53,8 +64,7 @@ def _run_jobs(model, tokenizer, jobs: list[dict], log: ResultLog, judge: Judge, 
     for (sampling, run), group in by_setting.items():
         for batch in _batches(group, batch_size):
             started = time.perf_counter()
-            outputs = generate_after_prefill(model, tokenizer, [j["target"].prompt for j in batch],
-                                             [j["prefill"] for j in batch], sampling, seed=run)
+            outputs = generate([j["target"].prompt for j in batch], [j["prefill"] for j in batch], sampling, run)
             seconds = (time.perf_counter() - started) / len(batch)
             for job, output in zip(batch, outputs):
                 target = job["target"]
@@ -69,7 +79,8 @@ def _run_jobs(model, tokenizer, jobs: list[dict], log: ResultLog, judge: Judge, 
 
 def prefill_attack(model, tokenizer, targets: Sequence[AttackTarget], judge: Judge, log: ResultLog, *,
                    prefill_lengths: Sequence[int] = (5, 10, 20, 40), runs: int = 1,
-                   sampling: Sampling = Sampling(), batch_size: int = 16, progress: bool = True) -> list[dict]:
+                   sampling: Sampling = Sampling(), batch_size: int = 16, progress: bool = True,
+                   generate: Generate | None = None) -> list[dict]:
     """Prefill the first ``N`` harmful-response tokens for each ``N`` and run; returns the records."""
     jobs = []
     for target in targets:
@@ -83,12 +94,13 @@ def prefill_attack(model, tokenizer, targets: Sequence[AttackTarget], judge: Jud
                              "sampling": sampling, "prefill": prefill,
                              "fields": {"attack": "prefill", "setting": f"prefill={length}", "prefill_tokens": length,
                                         "prefill_text": tokenizer.decode(prefill)}})
-    return _run_jobs(model, tokenizer, jobs, log, judge, batch_size, progress, "prefilling attack")
+    return _run_jobs(model, tokenizer, jobs, log, judge, batch_size, progress, "prefilling attack", generate)
 
 
 def decoding_attack(model, tokenizer, targets: Sequence[AttackTarget], judge: Judge, log: ResultLog, *,
                     settings: Sequence[tuple[str, Sampling]] | None = None, max_new_tokens: int = 256,
-                    batch_size: int = 16, seed: int = 0, progress: bool = True) -> dict[str, bool]:
+                    batch_size: int = 16, seed: int = 0, progress: bool = True,
+                    generate: Generate | None = None) -> dict[str, bool]:
     """Run every decoding setting on every target; returns ``{target id: broken}`` where broken
     means some setting's output was judged harmful."""
     jobs = []
@@ -97,7 +109,7 @@ def decoding_attack(model, tokenizer, targets: Sequence[AttackTarget], judge: Ju
         for target in targets:
             jobs.append({"key": f"{target.id}|{name}", "target": target, "run": seed, "sampling": sampling,
                          "prefill": [], "fields": {"attack": "decoding", "setting": name}})
-    records = _run_jobs(model, tokenizer, jobs, log, judge, batch_size, progress, "decoding attack")
+    records = _run_jobs(model, tokenizer, jobs, log, judge, batch_size, progress, "decoding attack", generate)
     broken = {target.id: False for target in targets}
     for record in records:
         broken[record["id"]] = broken[record["id"]] or bool(record["harmful"])

@@ -48,13 +48,18 @@ def choose_judge(name: str, world=None) -> Judge:
 
 
 def run_rap(model, tokenizer, targets: Sequence[AttackTarget], judge: Judge, log: ResultLog, selector,
-            config: RAPConfig, *, prefill_tokens: int = 0, batch_size: int = 16, progress: bool = True) -> list[dict]:
-    """RAP on every target not yet in ``log`` (batches of ``batch_size``), one record each."""
+            config: RAPConfig, *, prefill_tokens: int = 0, batch_size: int = 16, progress: bool = True,
+            attack=None) -> list[dict]:
+    """RAP on every target not yet in ``log`` (batches of ``batch_size``), one record each.
+    ``attack(prompts, prefills, selector, config)`` replaces the batched attack on the plain model
+    (e.g. :func:`deepalign.attacks.defended.cls_rap` for a model behind the [CLS] defense)."""
     todo = [t for t in targets if f"{t.id}|rap" not in log]
     for start in range(0, len(todo), batch_size):
         batch = todo[start:start + batch_size]
         prefills = [encode_text(tokenizer, t.harmful_response)[:prefill_tokens] for t in batch]
-        results = rap_attack(model, tokenizer, [t.prompt for t in batch], prefills, selector, config, progress=progress)
+        prompts = [t.prompt for t in batch]
+        results = attack(prompts, prefills, selector, config) if attack is not None else \
+            rap_attack(model, tokenizer, prompts, prefills, selector, config, progress=progress)
         for target, result in zip(batch, results):
             log.append({"key": f"{target.id}|rap", "id": target.id, "category": target.category, "prompt": target.prompt,
                         "run": 0, "attack": "rap", "setting": f"rap k={config.k}", "tokens": result.tokens,
