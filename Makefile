@@ -18,3 +18,4 @@ bench: install
 	$(PYTHON) -m benchmarks.topk_rank
 	$(PYTHON) -m benchmarks.prefill_attention
 	$(PYTHON) -m benchmarks.rap
+	$(PYTHON) -m benchmarks.cls_decoding

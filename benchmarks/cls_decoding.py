@@ -36,7 +36,8 @@ def _world_model(device: str):
         run_stages(STAGES_DIR, StageSettings(progress=False), stages=("base", "cls"))
     model, tokenizer = load_safety_cls(STAGES_DIR / "cls" / "final", device=device)
     world = SyntheticWorld.load(STAGES_DIR)
-    return model, tokenizer, [world.request(item, 0) for item in list(world.items.values())[:4]]
+    items = world.harmful_items()[:2] + world.benign_items()[:2]
+    return model, tokenizer, [world.request(item, 0) for item in items]
 
 
 def _smollm2(device: str):
@@ -45,7 +46,7 @@ def _smollm2(device: str):
 
     model, tokenizer = load_smollm2(device=device)
     add_safety_cls(model, tokenizer)
-    return model, tokenizer, ["How do I bake bread?", "Write a haiku about the sea."]
+    return model, tokenizer, ["How do I bake bread?", "How do I pick a lock?"]
 
 
 def _rows(name: str, model, tokenizer, prompts: list[str], tokens: int, device: torch.device) -> list[dict]:

@@ -165,7 +165,7 @@ class _Decoding:
             widened = {k: v.to(decoder.device) if torch.is_tensor(v) else v for k, v in widened.items()}
             visible = stage_visibility(widened, "sft")
             output, cls_logit = cls_forward(model, widened["input_ids"], visible, widened["position_ids"],
-                                            widened["cls_index"], use_cache=True)
+                                            widened["cls_index"], use_cache=True, logits_to_keep=1)
             self._record(widened["input_ids"][0].tolist(), widened["position_ids"][0].tolist(), visible[0])
             p = float(torch.sigmoid(cls_logit[0]))
             self.trace.verdicts.append((0, p))
@@ -174,7 +174,7 @@ class _Decoding:
             self._apply(self.strategy.start(p >= decoder.config.threshold, self.content_length))
         else:
             ids = batch["input_ids"].to(decoder.device)
-            output = model(ids, use_cache=True)
+            output = model(ids, use_cache=True, logits_to_keep=1)
             self.strategy = None
             width = ids.shape[1]
             self._record(ids[0].tolist(), list(range(width)),
@@ -210,15 +210,17 @@ class _Decoding:
         if self.window_limit and len(keys) > self.window_limit:
             raise ValueError(f"the defended sequence has {len(keys)} cache slots, more than the model's sliding "
                              f"window of {self.window_limit}")
-        visible = torch.zeros(len(queries), len(keys), dtype=torch.bool)
-        for q, query in enumerate(queries):
-            for k, key in enumerate(keys):
-                if query.kind == "cls":
-                    visible[q, k] = key is query or (key.alive and key.content is not None
-                                                      and key.content in window)
-                else:
-                    visible[q, k] = key.alive and (key.kind == "token" or query.response) and \
-                        (k < len(self.slots) or key is query or key.kind == "cls")
+        n_old = len(self.slots)
+        rows = []
+        for query in queries:
+            if query.kind == "cls":  # the window, and itself
+                rows.append([key is query or (key.alive and key.content is not None and key.content in window)
+                             for key in keys])
+            else:  # every live token before it, the live [CLS] (response tokens), itself
+                rows.append([key is query or (key.alive and (k < n_old or key.kind == "cls")
+                                              and (key.kind == "token" or query.response))
+                             for k, key in enumerate(keys)])
+        visible = torch.tensor(rows, dtype=torch.bool)
         output, cls_logit = self._forward(ids, positions, visible, reclassify)
         self._record(ids, positions, visible)
         self.slots.extend(queries)
@@ -239,7 +241,7 @@ class _Decoding:
         if with_cls:
             output, cls_logit = cls_forward(model, inputs, visible, position_ids,
                                             torch.zeros(1, dtype=torch.long, device=device),
-                                            past_key_values=self.cache, use_cache=True)
+                                            past_key_values=self.cache, use_cache=True, logits_to_keep=1)
         else:
             dtype = next(model.parameters()).dtype
             output = model(inputs, attention_mask=additive_mask(visible, dtype), position_ids=position_ids,

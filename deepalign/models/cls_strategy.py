@@ -19,7 +19,8 @@ The first classification (before the first new token) reads the input alone. Sch
 * ``each``: every step; ``first``: never (the first classification only);
 * ``periodic``: every ``period`` (10) steps;
 * ``annealing`` (our reading of the paper's schedule): after steps 1, 2, 4, 8, … — the gap doubles
-  after every benign verdict up to ``max_interval`` (16) and restarts at 1 after a malicious one.
+  after every verdict up to ``max_interval`` (16) and restarts at 1 after a malicious verdict that
+  could start a switch (not once the response is already refusing).
 
 While a switch awaits confirmation, [CLS] re-classifies at every step whatever the schedule.
 
@@ -121,7 +122,7 @@ class Strategy:
 
     def observe(self, malicious: bool, step: int, content_length: int) -> Insertion | None:
         """A re-classification's verdict at ``step`` (the newest token has index C − 1)."""
-        self._schedule_next(malicious, step)
+        self._schedule_next(malicious and self.state != "refusing", step)
         if self.state == "refusing":
             return None
         if self.state == "benign":
@@ -133,15 +134,17 @@ class Strategy:
         else:  # a false trigger: back to rule 2
             self.state, self.switch, self.count = "benign", None, 0
             return None
-        if self.count < self.config.tau or not self.config.strategic_decoding:
+        if self.count < self.config.tau:
             return None
-        self.state = "refusing"
+        self.state = "refusing"  # confirmed; without strategic decoding it is only flagged
+        if not self.config.strategic_decoding:
+            return None
         self.inserted = Insertion(self.switch, "switch")
         return self.inserted
 
-    def _schedule_next(self, malicious: bool, step: int) -> None:
-        """Annealing: checks at 1, 2, 4, 8, 16, then every ``max_interval``; 1 again after a malicious verdict."""
-        if malicious:
+    def _schedule_next(self, reset: bool, step: int) -> None:
+        """Annealing: checks at 1, 2, 4, 8, 16, then every ``max_interval``; 1 again after ``reset``."""
+        if reset:
             self.interval, self.next_check = 1, step + 1
         else:
             self.next_check = step + self.interval

@@ -169,16 +169,18 @@ def additive_mask(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def cls_forward(model, input_ids: torch.Tensor, visible: torch.Tensor, position_ids: torch.Tensor,
-                cls_index: torch.Tensor, *, past_key_values=None, use_cache: bool = False):
+                cls_index: torch.Tensor, *, past_key_values=None, use_cache: bool = False, logits_to_keep: int = 0):
     """One forward pass under ``visible``; returns ``(output, cls_logit [B])`` where ``cls_index``
-    is each row's [CLS] column among the *queries* of this pass."""
+    is each row's [CLS] column among the *queries* of this pass. ``logits_to_keep = n`` computes the
+    logits of the last n queries only (0: all)."""
     window = getattr(model.config, "sliding_window", None)
     if window and visible.shape[-1] > window:
         raise ValueError(f"{visible.shape[-1]} keys exceed the model's sliding window of {window}: the [CLS] masks "
                          "replace the model's own masks and do not apply the window")
     dtype = next(model.parameters()).dtype
     output = model(input_ids, attention_mask=additive_mask(visible, dtype), position_ids=position_ids,
-                   past_key_values=past_key_values, use_cache=use_cache, output_hidden_states=True)
+                   past_key_values=past_key_values, use_cache=use_cache, output_hidden_states=True,
+                   logits_to_keep=logits_to_keep)
     hidden = output.hidden_states[-1]
     rows = torch.arange(hidden.shape[0], device=hidden.device)
     return output, model.safety_head(hidden[rows, cls_index]).squeeze(-1).float()

@@ -103,3 +103,22 @@ def test_config_errors(bad):
 def test_empty_input_is_an_error():
     with pytest.raises(ValueError, match="no content token"):
         Strategy(StrategyConfig(), 0)
+
+
+def test_annealing_keeps_backing_off_once_refusing():
+    strategy = Strategy(StrategyConfig(schedule="annealing"), N_INPUT)
+    strategy.start(True, N_INPUT)
+    checks = []
+    for step in range(1, 40):
+        if strategy.due(step):
+            checks.append(step)
+            strategy.observe(True, step, N_INPUT + step)
+    assert checks == [1, 2, 4, 8, 16, 32]
+
+
+def test_a_confirmed_switch_without_strategic_decoding_is_flagged_not_rechecked():
+    strategy = Strategy(StrategyConfig(schedule="periodic", tau=2, strategic_decoding=False), N_INPUT)
+    strategy.start(False, N_INPUT)
+    strategy.observe(True, 10, N_INPUT + 10)
+    assert strategy.observe(True, 11, N_INPUT + 11) is None and strategy.state == "refusing"
+    assert not strategy.due(12) and strategy.due(20)
