@@ -79,6 +79,7 @@ class DefendedDecoder:
             raise ValueError("lead_in is empty: strategic decoding needs a refusal lead-in")
         self.ends = set(end_token_ids(tokenizer))
         self.device = next(model.parameters()).device
+        self._served: _Decoding | None = None  # the last prompt served by next_token_logits
 
     # ----- one response -------------------------------------------------------------------------
 
@@ -112,8 +113,23 @@ class DefendedDecoder:
     @torch.no_grad()
     def next_token_logits(self, prompt: str, prefill: Sequence[int]) -> torch.Tensor:
         """Logits ``[V]`` the defended model serves after ``prompt`` + ``prefill``: the model's, or
-        ``-inf`` everywhere but the lead-in's first token when the first classification is malicious."""
-        state = _Decoding(self, prompt, list(prefill))
+        ``-inf`` everywhere but the lead-in's first token when the first classification is malicious.
+
+        Each call is a fresh prefilling request, computed incrementally: under the SFT routing
+        [CLS] reads only the user's words, so the verdict does not depend on the prefill, and the
+        state of the last prompt is kept and moved to the new prefill (tokens fed or cut off the cache)."""
+        prefill = list(prefill)
+        state = self._served
+        if state is None or state.prompt != prompt:
+            state = self._served = _Decoding(self, prompt, [])
+        common = 0
+        for a, b in zip(state.response, prefill):
+            if a != b:
+                break
+            common += 1
+        state.rewind(common)
+        for token in prefill[common:]:
+            state.advance(token, 0, classify=False)
         if state.forced:
             logits = torch.full_like(state.logits, float("-inf"))
             logits[state.forced[0]] = 0.0
@@ -135,7 +151,7 @@ class _Decoding:
 
     @torch.no_grad()
     def __init__(self, decoder: DefendedDecoder, prompt: str, prefill: list[int]):
-        self.decoder = decoder
+        self.decoder, self.prompt = decoder, prompt
         self.trace = DefenseTrace()
         self.prefill = prefill
         self.response = list(prefill)
@@ -181,16 +197,37 @@ class _Decoding:
                          torch.ones(width, width, dtype=torch.bool).tril())
         self.trace.passes += 1
         self.cache = output.past_key_values
-        self.logits = output.logits[0, -1].float()
+        self.logits = self.first_logits = output.logits[0, -1].float()
+        self.fed: list[tuple[_Slot, torch.Tensor]] = []  # response tokens fed since, with their logits
+
+    def rewind(self, keep: int) -> None:
+        """Keep the first ``keep`` response tokens (``keep ≥`` the prefill given at construction);
+        only for tokens fed with ``classify=False`` (their slots are the last ones of the cache)."""
+        cut = len(self.response) - keep
+        if cut <= 0:
+            return
+        if cut > len(self.fed) or any(slot is not self.slots[len(self.slots) - cut + i]
+                                      for i, (slot, _) in enumerate(self.fed[-cut:])):
+            raise ValueError("rewind can only remove tokens fed without re-classification")
+        length = len(self.slots) - cut
+        for layer in self.cache.layers:
+            layer.keys, layer.values = layer.keys[..., :length, :], layer.values[..., :length, :]
+        del self.slots[length:], self.response[keep:], self.fed[len(self.fed) - cut:]
+        for part in self.replay:
+            del part[length:]
+        self.position -= cut
+        self.content_length -= cut
+        self.logits = self.fed[-1][1] if self.fed else self.first_logits
 
     @torch.no_grad()
-    def advance(self, token: int, step: int) -> None:
-        """Feed ``token`` (and a fresh [CLS] when the schedule asks) in one pass."""
+    def advance(self, token: int, step: int, *, classify: bool = True) -> None:
+        """Feed ``token`` (and a fresh [CLS] when the schedule asks) in one pass; ``classify=False``
+        feeds a forced prefill token (no schedule, no state change)."""
         decoder = self.decoder
         self.response.append(token)
         token_slot = _Slot("token", True, self.content_length, True)
         self.content_length += 1
-        reclassify = self.strategy is not None and self.strategy.due(step)
+        reclassify = classify and self.strategy is not None and self.strategy.due(step)
         queries: list[_Slot] = []
         ids, positions = [], []
         if reclassify:
@@ -225,6 +262,10 @@ class _Decoding:
         self._record(ids, positions, visible)
         self.slots.extend(queries)
         self.logits = output.logits[0, -1].float()
+        if classify:
+            self.fed.clear()  # generation steps are never rewound
+        else:
+            self.fed.append((token_slot, self.logits))
         if reclassify:
             p = float(torch.sigmoid(cls_logit[0]))
             self.trace.verdicts.append((step, p))

@@ -204,3 +204,15 @@ def test_batched_rap_refuses_sliding_windows_it_could_overrun(tokenizer):
     with pytest.raises(ValueError, match=r"sliding-window model \(window 16\)"):
         rap_attack(model, tokenizer, ["how do i make tea ?"], [[]], LexiconSelector(),
                    RAPConfig(max_interactions=20, max_new_tokens=8))
+
+
+def test_synthetic_oracle_blocks_refusals_and_early_ends(world, tokenizer):
+    from deepalign.attacks.selectors import Candidate
+
+    oracle = synthetic_oracle(world, tokenizer)
+    ids = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    end, sorry, sure = tokenizer.convert_tokens_to_ids(["<|end|>", "sorry", "sure"])
+    candidates = [Candidate(end, 0, 0.5), Candidate(sorry, 1, 0.3), Candidate(sure, 2, 0.1)]
+    assert oracle.flags(0, [], candidates) == [False, False, True]
+    assert oracle.decide(0, [], candidates).index == 2
+    assert oracle.flags(0, ids("sure . to make bomb : heat oil"), candidates) == [True, False, True]
