@@ -133,7 +133,6 @@ def _train(args: argparse.Namespace) -> int:
     from deepalign.training.attacks import AOA_PREFIX, AOA_SYSTEM, build_attack
     from deepalign.data.rows import read_rows
     from deepalign.training.recipes import PretrainRecipe
-    from deepalign.training.trainer import Trainer, TrainerConfig
 
     recipe_name = args.recipe
     if recipe_name.startswith("cls-"):
@@ -158,10 +157,7 @@ def _train(args: argparse.Namespace) -> int:
         raise SystemExit("deepalign train: --attack and --objective only apply to --recipe ft-attack")
     if args.texts is not None and recipe_name != "pretrain":
         raise SystemExit("deepalign train: --texts only applies to --recipe pretrain")
-    config = TrainerConfig(output_dir=args.output, steps=args.steps, batch_size=args.batch_size,
-                           grad_accum=args.grad_accum, lr=args.lr, checkpoint_every=args.checkpoint_every,
-                           seed=args.seed, mixed_precision="bf16" if args.bf16 else "no", resume=not args.no_resume,
-                           lora_rank=args.lora_rank)
+    config = _trainer_config(args)
     chat = read_rows(args.chat, UtilityExample) if args.chat else []
     safety = read_rows(args.safety, SafetyExample) if args.safety else []
     attention = "deepalign" if recipe_name == "presto" else None
@@ -190,9 +186,24 @@ def _train(args: argparse.Namespace) -> int:
     else:
         reference, _ = load_pretrained(args.reference or args.model)
         recipe = ConstrainedRecipe(tokenizer, chat, reference, cache_reference=not args.online_reference)
+    return _run_trainer(model, tokenizer, recipe, config, args)
+
+
+def _trainer_config(args: argparse.Namespace):
+    from deepalign.training.trainer import TrainerConfig
+
+    return TrainerConfig(output_dir=args.output, steps=args.steps, batch_size=args.batch_size,
+                         grad_accum=args.grad_accum, lr=args.lr, checkpoint_every=args.checkpoint_every,
+                         seed=args.seed, mixed_precision="bf16" if args.bf16 else "no", resume=not args.no_resume,
+                         lora_rank=args.lora_rank)
+
+
+def _run_trainer(model, tokenizer, recipe, config, args: argparse.Namespace) -> int:
+    from deepalign.training.trainer import Trainer
+
     history = Trainer(model, tokenizer, recipe, config).train()
     last = history[-1] if history else {}
-    print(f"trained {recipe_name} for {len(history)} steps; last step: "
+    print(f"trained {args.recipe} for {len(history)} steps; last step: "
           + ", ".join(f"{k}={v}" for k, v in last.items() if k not in ("step",)))
     print(f"model: {args.output}/final   metrics: {args.output}/metrics.jsonl")
     return 0
@@ -206,7 +217,6 @@ def _train_cls(args: argparse.Namespace) -> int:
     from deepalign.models.loading import load_pretrained
     from deepalign.models.safety_cls import CONFIG_KEY, add_safety_cls, load_safety_cls
     from deepalign.training.cls_recipe import CLSRecipe
-    from deepalign.training.trainer import Trainer, TrainerConfig
 
     stage = args.recipe.removeprefix("cls-")
     for name in ("safety", "chat") + (("texts", "malicious_texts") if stage == "pretrain" else ()):
@@ -235,15 +245,7 @@ def _train_cls(args: argparse.Namespace) -> int:
         model, tokenizer = load_pretrained(args.model)
         add_safety_cls(model, tokenizer, seed=args.seed)
     recipe = CLSRecipe(tokenizer, stage, texts=texts, malicious=malicious, benign=benign, cls_weight=args.cls_weight)
-    config = TrainerConfig(output_dir=args.output, steps=args.steps, batch_size=args.batch_size,
-                           grad_accum=args.grad_accum, lr=args.lr, checkpoint_every=args.checkpoint_every,
-                           seed=args.seed, mixed_precision="bf16" if args.bf16 else "no", resume=not args.no_resume)
-    history = Trainer(model, tokenizer, recipe, config).train()
-    last = history[-1] if history else {}
-    print(f"trained {args.recipe} for {len(history)} steps; last step: "
-          + ", ".join(f"{k}={v}" for k, v in last.items() if k not in ("step",)))
-    print(f"model: {args.output}/final   metrics: {args.output}/metrics.jsonl")
-    return 0
+    return _run_trainer(model, tokenizer, recipe, _trainer_config(args), args)
 
 
 def _world(args: argparse.Namespace) -> int:

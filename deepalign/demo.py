@@ -87,7 +87,8 @@ def cls_target(decoder: DefendedDecoder) -> Target:
     return Target(cls_generate(decoder), cls_rap(decoder))
 
 
-def attack_scores(target: Target, tokenizer, world: SyntheticWorld, *, max_new_tokens: int = 48) -> dict[str, float]:
+def attack_scores(target: Target, tokenizer, world: SyntheticWorld, *,
+                  max_new_tokens: int = MAX_NEW_TOKENS) -> dict[str, float]:
     """The demo's metrics for one model (see the module docstring)."""
     items = world.harmful_items()
     prompts = [world.request(item, p) for item in items for p in (0, 1)]

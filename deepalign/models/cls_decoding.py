@@ -2,16 +2,16 @@
 
 One response at a time. The first pass reads ``[CLS] <bos> prompt prefill`` under the SFT routing
 (:mod:`deepalign.models.safety_cls`); [CLS]'s verdict there is the first classification (the input
-window). Every later step feeds the chosen token, and, when the schedule asks for a
-re-classification, a fresh [CLS] query *in the same forward pass*: it attends to the window of
-:class:`~deepalign.models.cls_strategy.Strategy` (the new token included), the new token attends to
-the fresh [CLS], and the old [CLS] cache slot is masked out from then on. So a re-classification
-costs one more query in a pass the step makes anyway, and response tokens always read the latest
-safety signal.
+window), and that [CLS] is the signal every response token reads, as in training. Every later step
+feeds the chosen token and, when the schedule asks for a re-classification, a *probe* [CLS] query
+in the same forward pass: it attends to the window of :class:`~deepalign.models.cls_strategy.Strategy`
+(the new token included) and nothing attends to it. So a re-classification costs one more query in a
+pass the step makes anyway, and the response tokens never read a [CLS] state they were not trained
+on; the probes' verdicts drive strategic decoding.
 
-Cache slots are never moved: a withdrawn token (strategic decoding after a confirmed switch) or a
-stale [CLS] becomes a masked *hole*, and position ids count real tokens only ([CLS] at 0). Each pass
-gets an explicit 4-D mask.
+Cache slots are never moved: a probe, or a token withdrawn by strategic decoding after a confirmed
+switch, is a masked *hole*, and position ids count real tokens only ([CLS] at 0). Each pass gets an
+explicit 4-D mask.
 
 :meth:`DefendedDecoder.next_token_logits` is the defended model seen as a next-token oracle for a
 prompt + prefill (what a prefilling API serves): the model's logits, or, when the first
@@ -239,10 +239,6 @@ class _Decoding:
         ids.append(token)
         positions.append(self.position)
         self.position += 1
-        if reclassify:
-            for slot in self.slots:
-                if slot.kind == "cls":
-                    slot.alive = False
         keys = self.slots + queries
         if self.window_limit and len(keys) > self.window_limit:
             raise ValueError(f"the defended sequence has {len(keys)} cache slots, more than the model's sliding "
@@ -253,13 +249,14 @@ class _Decoding:
             if query.kind == "cls":  # the window, and itself
                 rows.append([key is query or (key.alive and key.content is not None and key.content in window)
                              for key in keys])
-            else:  # every live token before it, the live [CLS] (response tokens), itself
-                rows.append([key is query or (key.alive and (k < n_old or key.kind == "cls")
-                                              and (key.kind == "token" or query.response))
+            else:  # every live token before it, the first [CLS] (response tokens), itself; never a probe
+                rows.append([key is query or (key.alive and k < n_old and (key.kind == "token" or query.response))
                              for k, key in enumerate(keys)])
         visible = torch.tensor(rows, dtype=torch.bool)
         output, cls_logit = self._forward(ids, positions, visible, reclassify)
         self._record(ids, positions, visible)
+        if reclassify:
+            queries[0].alive = False  # a probe is read by nobody
         self.slots.extend(queries)
         self.logits = output.logits[0, -1].float()
         if classify:

@@ -3,7 +3,9 @@
 Two stages, each with its attention routing (:mod:`deepalign.models.safety_cls`):
 
 * ``cls-pretrain``: language modelling on labelled plain texts (every token) mixed with labelled
-  chat rows (loss on the response); [CLS] sees the whole row, nobody sees [CLS]; λ = 0.01.
+  chat rows (loss on the response); [CLS] sees the whole row, nobody sees [CLS]; λ = 0.01. With
+  ``window_probability > 0`` (our addition, off by default), [CLS] sees a random run of 3–10 content
+  tokens of the row instead, so that re-classifying over inference windows is in distribution.
 * ``cls-sft``: supervised fine-tuning on a balanced mixture, half malicious requests (label 1,
   answered with refusals) and half benign ones (label 0, answered); [CLS] sees the user's words,
   response tokens see [CLS]; λ = 0.1 (the paper also uses 0.01).
@@ -37,7 +39,8 @@ class CLSRecipe:
 
     def __init__(self, tokenizer, stage: str, *, texts: Sequence[tuple[str, int]] = (),
                  malicious: Sequence[UtilityExample] = (), benign: Sequence[UtilityExample] = (),
-                 cls_weight: float | None = None, chat_fraction: float = 0.5, system: str | None = None):
+                 cls_weight: float | None = None, chat_fraction: float = 0.5, system: str | None = None,
+                 window_probability: float = 0.0, window_lengths: tuple[int, int] = (3, 10)):
         if stage not in DEFAULT_WEIGHTS:
             raise ValueError(f"stage must be 'pretrain' or 'sft', got {stage!r}")
         if CLS_TOKEN not in tokenizer.get_vocab():
@@ -51,6 +54,12 @@ class CLSRecipe:
             raise ValueError(f"texts: labels must be 0 (benign) or 1 (malicious); text {bad[0] + 1} has {texts[bad[0]][1]!r}")
         if not 0.0 <= chat_fraction < 1.0:
             raise ValueError(f"chat_fraction must be in [0, 1), got {chat_fraction}")
+        if not 0.0 <= window_probability <= 1.0 or (window_probability and stage != "pretrain"):
+            raise ValueError(f"window_probability must be in [0, 1] and only applies to cls-pretrain, "
+                             f"got {window_probability} for cls-{stage}")
+        if not 1 <= window_lengths[0] <= window_lengths[1]:
+            raise ValueError(f"window_lengths must be (min, max) with 1 ≤ min ≤ max, got {window_lengths}")
+        self.window_probability, self.window_lengths = window_probability, window_lengths
         self.stage = stage
         self.name = f"cls-{stage}"
         self.cls_weight = DEFAULT_WEIGHTS[stage] if cls_weight is None else cls_weight
@@ -88,6 +97,8 @@ class CLSRecipe:
         widened = {k: v.to(device) if torch.is_tensor(v) else v
                    for k, v in insert_cls(batch, self.cls_id, self.pad_id).items()}
         visible = stage_visibility(widened, self.stage)
+        if self.window_probability:
+            visible = self._windowed(widened, visible)
         output, cls_logit = cls_forward(model, widened["input_ids"], visible, widened["position_ids"],
                                         widened["cls_index"])
         nll, count = token_nll(output.logits, widened["input_ids"], widened["loss_mask"])
@@ -97,6 +108,27 @@ class CLSRecipe:
         accuracy = ((cls_logit > 0).float() == labels).float().mean()
         return {"loss": lm + self.cls_weight * cls, "nll": lm.detach(), "cls": cls.detach(),
                 "cls_accuracy": accuracy.detach()}
+
+
+    def _windowed(self, widened, visible: torch.Tensor) -> torch.Tensor:
+        """With probability ``window_probability`` per row, [CLS] sees only a random run of
+        ``window_lengths`` content tokens (the user's words and the response; never BOS or template
+        tokens), as the inference windows show it. Draws come from torch's RNG (checkpointed)."""
+        content = (widened["user_mask"] | widened["prefill_mask"] | widened["response_mask"]) & \
+            widened["attention_mask"].bool() & ~widened["cls_mask"]
+        visible = visible.clone()
+        low, high = self.window_lengths
+        for row in range(visible.shape[0]):
+            if float(torch.rand(())) >= self.window_probability:
+                continue
+            positions = content[row].nonzero().flatten()
+            length = min(int(torch.randint(low, high + 1, ())), len(positions))
+            start = int(torch.randint(0, len(positions) - length + 1, ()))
+            at = int(widened["cls_index"][row])
+            visible[row, at] = False
+            visible[row, at, at] = True
+            visible[row, at, positions[start:start + length]] = True
+        return visible
 
 
 def _labelled(item: TrainingItem, label: int) -> TrainingItem:

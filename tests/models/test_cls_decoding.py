@@ -216,3 +216,14 @@ def test_served_logits_are_a_fresh_request_for_every_prefill(cls_model, script):
         assert torch.equal(torch.isfinite(other).sum() == 1, torch.tensor(script[0] > 0))
     finally:
         model.safety_head = original
+
+
+def test_probes_are_read_by_nobody(cls_model):
+    """Re-classification never changes what the response reads: with strategic decoding off, every
+    schedule generates the same tokens as no re-classification at all."""
+    model, tokenizer = cls_model
+    outputs = {schedule: DefendedDecoder(model, tokenizer, StrategyConfig(schedule=schedule, strategic_decoding=False),
+                                         lead_in=LEAD_IN).generate(PROMPT, [], max_new_tokens=16, stop_at_end=False)
+               for schedule in ("first", "each", "periodic", "annealing")}
+    assert len({tuple(o.tokens) for o in outputs.values()}) == 1
+    assert outputs["each"].trace.classifications == 17 and outputs["first"].trace.classifications == 1

@@ -168,3 +168,30 @@ def test_recipe_loss_is_lm_plus_weighted_bce(cls_model, world):
         CLSRecipe(tokenizer, "sft", malicious=malicious)
     with pytest.raises(ValueError, match="add_safety_cls"):
         CLSRecipe(world.tokenizer(), "sft", malicious=malicious, benign=benign)
+
+
+def test_window_augmentation_shows_cls_a_run_of_content_tokens(cls_model, world):
+    model, tokenizer = cls_model
+    malicious = [UtilityExample(world.request(i), world.compliant_response(i)) for i in world.harmful_items()]
+    benign = [UtilityExample(world.request(i), world.compliant_response(i)) for i in world.benign_items()]
+    texts = [(world.knowledge_text(i), int(i.harmful)) for i in world.items.values()]
+    recipe = CLSRecipe(tokenizer, "pretrain", texts=texts, malicious=malicious, benign=benign,
+                       window_probability=1.0, window_lengths=(2, 4))
+    batch = make_batch(recipe.sample(random.Random(1), 6), tokenizer.pad_token_id)
+    widened = insert_cls(batch, recipe.cls_id, tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    visible = recipe._windowed(widened, stage_visibility(widened, "pretrain"))
+    content = widened["user_mask"] | widened["prefill_mask"] | widened["response_mask"]
+    for row in range(visible.shape[0]):
+        at = int(widened["cls_index"][row])
+        seen = visible[row, at].nonzero().flatten().tolist()
+        assert seen[0] == at and 2 <= len(seen) - 1 <= 4
+        positions = content[row].nonzero().flatten().tolist()
+        run = seen[1:]
+        start = positions.index(run[0])
+        assert run == positions[start:start + len(run)]  # consecutive content tokens, no template
+        others = torch.ones(visible.shape[1], dtype=torch.bool)
+        others[at] = False
+        assert torch.equal(visible[row][others], stage_visibility(widened, "pretrain")[row][others])
+    with pytest.raises(ValueError, match="only applies to cls-pretrain"):
+        CLSRecipe(tokenizer, "sft", malicious=malicious, benign=benign, window_probability=0.5)
