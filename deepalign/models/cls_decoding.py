@@ -67,12 +67,14 @@ class _Slot:
 class DefendedDecoder:
     """``DefendedDecoder(model, tokenizer, StrategyConfig(...), lead_in=...)``. ``use_cls=False``
     decodes the same way with no [CLS] at all (plain decoding, the baseline of the overhead
-    benchmark)."""
+    benchmark). ``record=True`` keeps, per cache slot, its token, position and visibility (the
+    replay the tests check the cache against; quadratic in length)."""
 
     def __init__(self, model, tokenizer, config: StrategyConfig = StrategyConfig(), *,
-                 lead_in: str = DEFAULT_LEAD_IN, system: str | None = None, use_cls: bool = True):
+                 lead_in: str = DEFAULT_LEAD_IN, system: str | None = None, use_cls: bool = True,
+                 record: bool = False):
         self.model, self.tokenizer, self.config, self.system = model, tokenizer, config, system
-        self.use_cls = use_cls
+        self.use_cls, self.record = use_cls, record
         self.cls_id = cls_token_id(model) if use_cls else None
         self.lead_in = encode_text(tokenizer, lead_in)
         if use_cls and config.strategic_decoding and not self.lead_in:
@@ -91,6 +93,10 @@ class DefendedDecoder:
         tokens after the prefill (inserted ones included)."""
         started = time.perf_counter()
         state = _Decoding(self, prompt, list(prefill))
+        context = getattr(self.model.config, "max_position_embeddings", None)
+        if context is not None and state.position + max_new_tokens > context:
+            raise ValueError(f"the prompt with its prefill and [CLS] takes {state.position} positions; with "
+                             f"{max_new_tokens} new tokens it exceeds the model's context of {context}")
         step = 0
         while len(state.response) - len(state.prefill) < max_new_tokens:
             step += 1
@@ -289,6 +295,8 @@ class _Decoding:
         return output, cls_logit
 
     def _record(self, ids: list[int], positions: list[int], visible: torch.Tensor) -> None:
+        if not self.decoder.record:
+            return
         self.replay[0].extend(ids)
         self.replay[1].extend(positions)
         self.replay[2].extend(row.tolist() for row in visible.cpu())

@@ -63,7 +63,8 @@ def _replayed_logits(model, state: _Decoding) -> torch.Tensor:
 @pytest.mark.parametrize("schedule", ["each", "annealing", "first"])
 def test_cached_decoding_equals_a_full_pass_over_the_same_slots(cls_model, schedule):
     model, tokenizer = cls_model
-    decoder = DefendedDecoder(model, tokenizer, StrategyConfig(schedule=schedule, threshold=0.99), lead_in=LEAD_IN)
+    decoder = DefendedDecoder(model, tokenizer, StrategyConfig(schedule=schedule, threshold=0.99), lead_in=LEAD_IN,
+                              record=True)
     prefill = encode_text(tokenizer, "sure . to make")
     state = _Decoding(decoder, PROMPT, prefill)
     for step in range(1, 13):
@@ -81,7 +82,8 @@ def test_withdrawn_tokens_become_holes(cls_model):
     model, tokenizer = cls_model
     original = _with_script(model, [-5, -5, -5, 5, 5])  # first, steps 1–2 benign; steps 3–4 malicious
     try:
-        decoder = DefendedDecoder(model, tokenizer, StrategyConfig(schedule="each", tau=2), lead_in=LEAD_IN)
+        decoder = DefendedDecoder(model, tokenizer, StrategyConfig(schedule="each", tau=2), lead_in=LEAD_IN,
+                                  record=True)
         state = _Decoding(decoder, PROMPT, [])
         for step in range(1, 8):
             token = state.forced.pop(0) if state.forced else int(torch.argmax(state.logits))
@@ -162,6 +164,8 @@ def test_sampling_is_seeded_and_errors_are_clear(cls_model):
         decoder.generate_many([PROMPT], [], sampling)
     with pytest.raises(ValueError, match="lead_in is empty"):
         DefendedDecoder(model, tokenizer, lead_in="")
+    with pytest.raises(ValueError, match="exceeds the model's context of 256"):
+        decoder.generate(PROMPT, [], max_new_tokens=300)
 
 
 @pytest.mark.parametrize("implementation", ["eager", "sdpa"])
@@ -173,7 +177,8 @@ def test_routing_masks_work_with_eager_and_sdpa(world, implementation):
                               eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     add_safety_cls(model, tokenizer, seed=3)
     model.set_attn_implementation(implementation)
-    decoder = DefendedDecoder(model.eval(), tokenizer, StrategyConfig(schedule="each", threshold=0.99), lead_in=LEAD_IN)
+    decoder = DefendedDecoder(model.eval(), tokenizer, StrategyConfig(schedule="each", threshold=0.99), lead_in=LEAD_IN,
+                              record=True)
     state = _Decoding(decoder, PROMPT, encode_text(tokenizer, "sure ."))
     for step in range(1, 6):
         state.advance(int(torch.argmax(state.logits)), step)
@@ -184,7 +189,8 @@ def test_routing_masks_work_with_eager_and_sdpa(world, implementation):
 def test_cached_decoding_on_the_gpu_in_bf16(cls_model):
     model, tokenizer = cls_model
     gpu = __import__("copy").deepcopy(model).to("cuda", torch.bfloat16)
-    decoder = DefendedDecoder(gpu, tokenizer, StrategyConfig(schedule="each", threshold=0.99), lead_in=LEAD_IN)
+    decoder = DefendedDecoder(gpu, tokenizer, StrategyConfig(schedule="each", threshold=0.99), lead_in=LEAD_IN,
+                              record=True)
     state = _Decoding(decoder, PROMPT, [])
     for step in range(1, 9):
         state.advance(int(torch.argmax(state.logits)), step)
