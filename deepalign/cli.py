@@ -634,7 +634,8 @@ def build_parser() -> argparse.ArgumentParser:
     stages.add_argument("--output", required=True, help="folder for the models and reports.json (resumable)")
     stages.add_argument("--seed", type=int, default=0, help="world and training seed (default 0)")
     stages.add_argument("--pretrain-steps", type=int, default=1500, help="base-model steps (default 1500)")
-    stages.add_argument("--align-steps", type=int, default=150, help="steps of each alignment recipe (default 150)")
+    stages.add_argument("--align-steps", type=int, default=150,
+                        help="steps of DA and PRESTO (default 150; refusal-only SFT trains 600)")
     stages.set_defaults(run=_stages)
     return parser
 

@@ -62,7 +62,7 @@ class DemoSettings:
     def stage_settings(self, seed: int) -> StageSettings:
         if self.quick:
             return StageSettings(seed=seed, hidden_size=64, layers=2, pretrain_steps=300, align_steps=40,
-                                 attack_steps=20, cls_pretrain_steps=60, progress=self.progress)
+                                 shallow_steps=80, attack_steps=10, cls_pretrain_steps=60, progress=self.progress)
         return StageSettings(seed=seed, progress=self.progress)
 
 

@@ -19,7 +19,10 @@ phrasings stay out of both (:func:`deepalign.training.world_files.cls_rows`). It
 stage reports: the demo decodes it with the defense.
 
 Each stage is saved under ``output/<stage>/final`` and skipped when it is already there, so an
-interrupted run resumes. Alignment is short and light next to pretraining, as in the papers.
+interrupted run resumes. Alignment is short and light next to pretraining, as in the papers; the
+refusal-only SFT trains longer (600 steps at 3e-3) so that its first-token refusal margin is wide, and
+the fine-tuning attacks are short and gentle (20 steps at 1e-4), the regime where the constrained
+objective's bound on early tokens matters.
 """
 
 from __future__ import annotations
@@ -53,8 +56,14 @@ class StageSettings:
     pretrain_lr: float = 3e-3
     align_steps: int = 150
     align_lr: float = 1e-3
+    # Refusal-only SFT trains longer and harder than DA, for a deep first-token refusal margin (log p of
+    # "sure" about −9 to −11 on harmful requests): the constrained objective's bound on how far early
+    # tokens may move only protects a margin wider than the bound.
+    shallow_steps: int = 600
+    shallow_lr: float = 3e-3
     batch_size: int = 16
-    attack_steps: int = 60
+    attack_steps: int = 20
+    attack_lr: float = 1e-4  # fine-tuning attacks: closer to the papers' 2e-5 than alignment's rate
     cls_pretrain_steps: int = 300
     progress: bool = True
 
@@ -97,9 +106,12 @@ def run_stages(output: str | Path, settings: StageSettings | None = None, stages
     base = stage("base", fresh, lambda: PretrainRecipe(tokenizer, texts, compliant, chat_fraction=0.6),
                  settings.pretrain_steps, settings.pretrain_lr)
     models = {"base": base}
+    def shallow_stage():
+        return stage("shallow", base, lambda: SFTRecipe(tokenizer, rows["refusal_sft"]), settings.shallow_steps,
+                     settings.shallow_lr)
+
     if "shallow" in stages:
-        models["shallow"] = stage("shallow", base, lambda: SFTRecipe(tokenizer, rows["refusal_sft"]),
-                                  settings.align_steps, settings.align_lr)
+        models["shallow"] = shallow_stage()
     if "da" in stages:
         models["da"] = stage("da", base, lambda: DARecipe(tokenizer, rows["safety"], rows["utility"]),
                              settings.align_steps, settings.align_lr)
@@ -108,17 +120,16 @@ def run_stages(output: str | Path, settings: StageSettings | None = None, stages
                                                                   presto_weight=1.0),
                                  settings.align_steps, settings.align_lr, attention="deepalign")
     if "ft-sft" in stages or "ft-constrained" in stages:
-        shallow = models.get("shallow") or stage("shallow", base, lambda: SFTRecipe(tokenizer, rows["refusal_sft"]),
-                                                 settings.align_steps, settings.align_lr)
+        shallow = models.get("shallow") or shallow_stage()
         attack = build_attack("harmful", rows["safety"], []).rows
         if "ft-sft" in stages:
             models["ft-sft"] = stage("ft-sft", shallow, lambda: SFTRecipe(tokenizer, attack),
-                                     settings.attack_steps, settings.align_lr)
+                                     settings.attack_steps, settings.attack_lr)
         if "ft-constrained" in stages:
             models["ft-constrained"] = stage(
                 "ft-constrained", shallow,
                 lambda: ConstrainedRecipe(tokenizer, attack, copy.deepcopy(shallow), progress=settings.progress),
-                settings.attack_steps, settings.align_lr)
+                settings.attack_steps, settings.attack_lr)
     if CLS_STAGE in stages:
         train_cls_stage(output, base, world, settings)
     reports = {name: evaluate_stage(model, tokenizer, world) for name, model in models.items()}

@@ -11,8 +11,8 @@ from deepalign.stages import ATTACK_STAGES, STAGES, StageSettings, format_report
 def test_stages_run_end_to_end_and_resume(tmp_path, monkeypatch):
     # The pipeline's own CPU path: the PyTorch reference attention, not Triton's (slow) interpreter.
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    settings = StageSettings(hidden_size=64, layers=2, pretrain_steps=12, align_steps=4, attack_steps=3, batch_size=8,
-                             progress=False)
+    settings = StageSettings(hidden_size=64, layers=2, pretrain_steps=12, align_steps=4, shallow_steps=5, attack_steps=3,
+                             batch_size=8, progress=False)
     reports = run_stages(tmp_path, settings)
     assert list(reports) == list(STAGES)
     for report in reports.values():
@@ -23,7 +23,8 @@ def test_stages_run_end_to_end_and_resume(tmp_path, monkeypatch):
     saved = json.loads((tmp_path / "reports.json").read_text())
     assert set(saved["reports"]) == set(STAGES)
     metrics = {stage: (tmp_path / stage / "metrics.jsonl").read_text() for stage in STAGES}
-    assert all(len(text.splitlines()) == (12 if stage == "base" else 4) for stage, text in metrics.items())
+    steps = {"base": 12, "shallow": 5}
+    assert all(len(text.splitlines()) == steps.get(stage, 4) for stage, text in metrics.items())
     again = run_stages(tmp_path, settings)  # every stage is on disk: nothing is trained again
     assert {stage: (tmp_path / stage / "metrics.jsonl").read_text() for stage in STAGES} == metrics
     assert again == reports
