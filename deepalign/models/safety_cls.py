@@ -44,7 +44,7 @@ def add_safety_cls(model, tokenizer, token: str = CLS_TOKEN, *, seed: int = 0) -
     if has_safety_cls(model):
         raise ValueError("the model already has a safety [CLS] head")
     if token not in tokenizer.get_vocab():
-        tokenizer.add_special_tokens({"additional_special_tokens": [token]}, replace_extra_special_tokens=False)
+        tokenizer.add_tokens([token], special_tokens=True)
     token_id = tokenizer.convert_tokens_to_ids(token)
     embeddings = model.get_input_embeddings()
     if token_id >= embeddings.weight.shape[0]:
