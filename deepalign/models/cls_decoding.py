@@ -180,8 +180,7 @@ class _Decoding:
         self.replay: tuple[list[int], list[int], list[list[bool]]] = ([], [], [])
         self.position = len(spans) + decoder.use_cls  # position id of the next token ([CLS] takes 0)
         model = decoder.model
-        window = getattr(model.config, "sliding_window", None)
-        self.window_limit = window
+        self.window_limit = getattr(model.config, "sliding_window", None)
         if decoder.use_cls:
             widened = insert_cls(batch, decoder.cls_id, decoder.tokenizer.pad_token_id or 0)
             widened = {k: v.to(decoder.device) if torch.is_tensor(v) else v for k, v in widened.items()}
@@ -227,7 +226,7 @@ class _Decoding:
 
     @torch.no_grad()
     def advance(self, token: int, step: int, *, classify: bool = True) -> None:
-        """Feed ``token`` (and a fresh [CLS] when the schedule asks) in one pass; ``classify=False``
+        """Feed ``token`` (and a probe [CLS] when the schedule asks) in one pass; ``classify=False``
         feeds a forced prefill token (no schedule, no state change)."""
         decoder = self.decoder
         self.response.append(token)
@@ -276,7 +275,7 @@ class _Decoding:
             self._apply(self.strategy.observe(p >= decoder.config.threshold, step, self.content_length))
 
     def _forward(self, ids: list[int], positions: list[int], visible: torch.Tensor, with_cls: bool):
-        """One pass over the queries ``ids`` (a fresh [CLS] first when ``with_cls``) on the cache."""
+        """One pass over the queries ``ids`` (a probe [CLS] first when ``with_cls``) on the cache."""
         device, model = self.decoder.device, self.decoder.model
         self.trace.passes += 1
         inputs = torch.tensor([ids], device=device)
