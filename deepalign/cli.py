@@ -13,7 +13,7 @@
 * ``deepalign autorap {data,train} ...``: the AutoRAP classifier's refusal data and training.
 * ``deepalign judge --results FILE --output FILE --judge ...``: re-judges logged outputs (keyword,
   synthetic, or the StrongREJECT rubric through a local chat model or an OpenAI-compatible endpoint).
-* ``deepalign analyze {attention,kl,ranks} ...``: synthetic-world analyses as an offline HTML report.
+* ``deepalign analyze {attention,kl,ranks,knockout,ablate,report} ...``: synthetic-world analyses as an offline HTML report.
 * ``deepalign demo [--quick]``: the whole sequence over several seeds, attacked and judged, with a
   table and an HTML report.
 * ``deepalign stages --output DIR``: trains base → shallow → DA → DA + PRESTO on the synthetic
@@ -421,7 +421,8 @@ def _judge(args: argparse.Namespace) -> int:
 
 def _analyze(args: argparse.Namespace) -> int:
     from deepalign.analysis.report import write_report
-    from deepalign.analysis.world_analyses import ablation_section, attention_section, kl_section, ranks_section
+    from deepalign.analysis.world_analyses import (ablation_section, attention_section, kl_section, knockout_section,
+                                                   ranks_section)
     from deepalign.data.synthetic import SyntheticWorld
 
     world = SyntheticWorld.load(args.world)
@@ -450,6 +451,8 @@ def _analyze(args: argparse.Namespace) -> int:
             raise SystemExit("deepalign analyze ablate: give one --models")
         sections = [ablation_section(args.models[0], world, k=args.heads, mode=args.mode,
                                      max_interactions=args.max_interactions)]
+    elif args.what == "knockout":
+        sections = [knockout_section(args.models, world)]
     else:
         sections = [ranks_section(args.models, world)]
     path = write_report(args.output, f"deepalign analyze {args.what}", sections)
@@ -611,9 +614,10 @@ def build_parser() -> argparse.ArgumentParser:
     judge.set_defaults(run=_judge)
 
     analyze = commands.add_parser("analyze", help="analyses of synthetic-world models as an HTML report")
-    analyze.add_argument("what", choices=("attention", "kl", "ranks", "ablate", "report"),
+    analyze.add_argument("what", choices=("attention", "kl", "ranks", "knockout", "ablate", "report"),
                          help="attention: per-head mass on prefills, A vs B; kl: per-position KL(A||B); "
                               "ranks: harmful/refusal token ranks along harmful answers; "
+                              "knockout: harmful-token ranks when the answer may not read itself; "
                               "ablate: prefilling and RAP scores with the top prefill-attending heads ablated; "
                               "report: all of them on the models of deepalign stages (--world is its folder)")
     analyze.add_argument("--heads", type=int, default=4, help="ablate: number of heads (default 4)")

@@ -105,7 +105,7 @@ def test_analyze_commands_write_reports(tmp_path, capsys):
     assert main(["world", "--output", str(tmp_path / "w")]) == 0
     model = str(tmp_path / "w" / "model")
     for what, models in (("attention", [model, model]), ("kl", [model, model]), ("ranks", [model]),
-                         ("ablate", [model])):
+                         ("knockout", [model]), ("ablate", [model])):
         output = tmp_path / f"{what}.html"
         extra = ["--max-interactions", "8"] if what == "ablate" else []
         assert main(["analyze", what, "--models", *models, "--world", str(tmp_path / "w"), "--output", str(output),
@@ -114,6 +114,7 @@ def test_analyze_commands_write_reports(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "Mean over the first 3 positions 0.000 nats, afterwards 0.000 nats" in out  # KL of a model with itself
     assert "ablated heads | prefill 2 | prefill 5 | RAP" in out and "top 4 prefill heads" in out
+    assert "model | top 1, no knockout | top 1, knockout in layers 1+" in out
     with pytest.raises(SystemExit, match="give exactly two --models"):
         main(["analyze", "kl", "--models", model, "--world", str(tmp_path / "w"), "--output", str(tmp_path / "x.html")])
 

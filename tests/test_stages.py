@@ -46,6 +46,12 @@ def test_stages_run_end_to_end_and_resume(tmp_path, monkeypatch):
     assert [s.title.split(":")[0] for s in sections][:4] == ["Attention to the prefill", "Attention received by each "
                                                              "token per layer", "Attention received by each token "
                                                              "per layer", "Per-position KL"]
+    layers = sections[0].table
+    assert [row[0] for row in layers] == list(range(settings.layers))
+    assert all(0.0 <= float(value) <= 1.0 for row in layers for value in row[1:])
+    knockout = next(s for s in sections if s.title.startswith("Attention knockout"))
+    assert [row[0] for row in knockout.table] == ["base", "da", "presto"] and len(knockout.header) == 7
+    assert all(0.0 <= float(value) <= 1.0 for row in knockout.table for value in row[1:])
     ranks = next(s for s in sections if s.title.startswith("Ranks"))
     assert [row[0] for row in ranks.table] == list(STAGES) and len(ranks.header) == 7
     path = write_report(tmp_path / "report.html", "stages", sections)

@@ -5,7 +5,9 @@
 * :func:`kl_section`: per-position KL between two models over the harmful answers (e.g. shallow
   vs base), mean ± std band;
 * :func:`ranks_section`: along the harmful answers, the rank of the harmful token and of the best
-  refusal token per position, for each model.
+  refusal token per position, for each model;
+* :func:`knockout_section`: how often the correct harmful token stays in the top 20 when the answer
+  may not read itself in the later layers, or in any layer (attention knockout), for each model.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch
 from deepalign.analysis.attention import PrefillExample, attention_received, load_bridge, prefill_mass_by_head
 from deepalign.analysis.continuations import continuation_ranks, per_position_kl, pfa1_by_prefill_length
 from deepalign.analysis.figures import comparison_heatmaps, position_lines, token_layer_map
+from deepalign.analysis.knockout import knockout_ranks_over
 from deepalign.analysis.report import Section
 from deepalign.data.synthetic import REFUSALS, SyntheticWorld
 from deepalign.models.loading import load_pretrained
@@ -52,8 +55,13 @@ def attention_section(first: str | Path, second: str | Path, world: SyntheticWor
     text = [f"Mean attention mass on the harmful prefill from the response positions, per layer and head, over "
             f"{len(examples)} (request, prefill) pairs. Mean over heads: {names[0]} {mean[0]:.3f}, "
             f"{names[1]} {mean[1]:.3f}."]
+    text.append("The table gives the mean over heads per layer: the first layer cannot yet tell a harmful "
+                "context from a benign one, so a penalty that asks only harmful contexts to look away from the "
+                "prefill moves the later layers first.")
+    table = [[layer, *(f"{float(m[layer].mean()):.3f}" for m in maps)] for layer in range(maps[0].shape[0])]
     sections = [Section(f"Attention to the prefill: {names[0]} vs {names[1]}", text,
-                        comparison_heatmaps(maps[0], maps[1], names))]
+                        comparison_heatmaps(maps[0], maps[1], names), table=table,
+                        header=["layer", *(f"{name}: mean mass" for name in names)])]
     for name, bridge in zip(names, bridges):
         received, tokens = attention_received(bridge, examples[0])
         sections.append(Section(f"Attention received by each token per layer: {name}",
@@ -119,6 +127,31 @@ def ranks_section(models: Sequence[str | Path], world: SyntheticWorld, *, refere
         + ([f"PFA-1 after {n} (vs {_name(reference)})" for n in pfa_lengths] if reference is not None else []))
 
 
+def knockout_section(models: Sequence[str | Path], world: SyntheticWorld, *, k: int = 20,
+                     phrasings: Sequence[int] = (0, 1)) -> Section:
+    """Shares of the correct harmful tokens ranked first and in the top ``k`` (teacher-forced) with no
+    knockout, with the answer unable to read itself in every layer but the first, and in every layer."""
+    pairs = [(world.request(item, p), world.compliant_response(item)) for item in world.harmful_items()
+             for p in phrasings]
+    conditions = ("no knockout", "knockout in layers 1+", "knockout in every layer")
+    table = []
+    for path in models:
+        bridge = load_bridge(path)
+        layers = bridge.cfg.n_layers
+        ranks = [knockout_ranks_over(bridge, pairs, chosen) for chosen in ((), range(1, layers), range(layers))]
+        table.append([_name(path), *(f"{float((r < 1).float().mean()):.3f}" for r in ranks),
+                      *(f"{float((r < k).float().mean()):.3f}" for r in ranks)])
+    return Section("Attention knockout: does the harmful answer read itself?", [
+        f"Shares of the correct harmful tokens ranked first and in the top {k}, teacher-forced over {len(pairs)} "
+        "harmful requests, when the answer's positions may not attend to earlier answer tokens (those attention "
+        "scores set to −inf before the softmax) in the given layers. PRESTO can only cut RAP where the later "
+        "layers' reading of the harmful text carries the harmful answer. Where blocking it there leaves the "
+        "shares unchanged, the answer comes from the request and the first layer's local reading, which a "
+        "penalty asking harmful contexts alone to look away cannot reach: the first layer cannot yet tell a "
+        "harmful context from a benign one."],
+        table=table, header=["model", *(f"top 1, {c}" for c in conditions), *(f"top {k}, {c}" for c in conditions)])
+
+
 def ablation_section(model_path: str | Path, world: SyntheticWorld, *, k: int = 4, mode: str = "zero",
                      prefill_tokens: Sequence[int] = (2, 5), max_interactions: int = 512) -> Section:
     """Ablate the ``k`` heads that attend most to harmful prefills and compare greedy prefilling and
@@ -175,7 +208,7 @@ def head_heatmap_of(mass: torch.Tensor, name: str):
 def stages_report_sections(stages: str | Path, world: SyntheticWorld, *, ablate_interactions: int = 512) -> list[Section]:
     """Every analysis on the models of ``deepalign stages``: attention (DA vs PRESTO), KL (base vs
     shallow), ranks and PFA-1 per stage (PFA-1 against the DA model's own no-prefill behaviour),
-    and head ablation on DA."""
+    attention knockout (base, DA, PRESTO) and head ablation on DA."""
     stages = Path(stages)
     path = {name: stages / name / "final" for name in ("base", "shallow", "da", "presto")}
     missing = [str(p) for p in path.values() if not p.is_dir()]
@@ -184,4 +217,5 @@ def stages_report_sections(stages: str | Path, world: SyntheticWorld, *, ablate_
     return [*attention_section(path["da"], path["presto"], world),
             kl_section(path["base"], path["shallow"], world),
             ranks_section(list(path.values()), world, reference=path["da"]),
+            knockout_section([path["base"], path["da"], path["presto"]], world),
             ablation_section(path["da"], world, max_interactions=ablate_interactions)]
