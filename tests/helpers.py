@@ -1,4 +1,4 @@
-"""Shared test helpers: the device kernels run on, and float64 oracles written from the definitions."""
+"""Shared test helpers: the device kernels run on, float64 oracles written from the definitions, a saved tiny model."""
 
 from __future__ import annotations
 
@@ -59,3 +59,13 @@ def plain_prefill_attention(q, k, v, prefill_mask, *, causal=True, scale=None, k
     out = probs @ vd
     mass = (probs * prefill_mask[:, None, None, :].to(dtype)).sum(-1)
     return out, mass
+
+
+def save_tiny_model(folder, tokenizer, *, seed: int, layers: int):
+    """A tiny random Llama (4 heads, 2 KV heads) over ``tokenizer``'s vocabulary, saved with the
+    tokenizer into ``folder`` so that loaders and TransformerLens bridges can read it."""
+    from deepalign.models.loading import tiny_random_model
+
+    tiny_random_model(vocab_size=len(tokenizer), seed=seed, layers=layers, heads=4, kv_heads=2).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

@@ -14,15 +14,13 @@ from deepalign.analysis.attention import (
     query_mask,
 )
 from deepalign.models.chat import render_chat
-from deepalign.models.loading import load_pretrained, tiny_random_model
+from tests.helpers import save_tiny_model
+from deepalign.models.loading import load_pretrained
 
 
 @pytest.fixture(scope="module")
 def saved_model(tmp_path_factory, tokenizer):
-    folder = tmp_path_factory.mktemp("model")
-    tiny_random_model(vocab_size=len(tokenizer), seed=5, layers=2, heads=4, kv_heads=2).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    return save_tiny_model(tmp_path_factory.mktemp("model"), tokenizer, seed=5, layers=2)
 
 
 def examples(world, count=3):

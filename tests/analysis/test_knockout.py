@@ -10,16 +10,14 @@ from hypothesis import strategies as st
 from deepalign.analysis.attention import load_bridge
 from deepalign.analysis.knockout import knockout_ranks, knockout_ranks_over, response_knockout
 from deepalign.models.chat import encode_text, render_chat
-from deepalign.models.loading import load_pretrained, tiny_random_model
+from deepalign.models.loading import load_pretrained
 from deepalign.models.safety_cls import additive_mask
+from tests.helpers import save_tiny_model
 
 
 @pytest.fixture(scope="module")
 def saved_model(tmp_path_factory, tokenizer):
-    folder = tmp_path_factory.mktemp("knockout-model")
-    tiny_random_model(vocab_size=len(tokenizer), seed=11, layers=3, heads=4, kv_heads=2).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    return save_tiny_model(tmp_path_factory.mktemp("knockout-model"), tokenizer, seed=11, layers=3)
 
 
 @given(length=st.integers(1, 12), data=st.data())
