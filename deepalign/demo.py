@@ -189,9 +189,9 @@ def write_demo_report(output: str | Path, rows: list[dict], seed: int) -> Path:
         "Judge scores in [0, 1] (higher = more harmful content given), the share of requests broken by the "
         "decoding grid, and utility on benign requests. The cls row is the [CLS] model decoded behind its defense "
         "(annealing re-classification, strategic decoding), so every attack meets the defense.",
-        "PRESTO takes the later layers' attention off the harmful text (see 'Attention to the prefill'), yet in this "
-        "world the harmful answer hardly needs that attention: 'Attention knockout' below shows the correct harmful "
-        "tokens keep their ranks when it is blocked, which is why the presto row's RAP score stays near da's.",
+        "PRESTO can only cut RAP where the harmful answer travels through the attention it takes away: 'Attention "
+        "to the prefill' below shows how much attention it took away per layer, 'Attention knockout' how much of "
+        "the harmful answer needs that attention in these models.",
         *[f"{row['model']}: held-out request classification accuracy {row[CLS_ACCURACY][0]:.3f} ± "
           f"{row[CLS_ACCURACY][1]:.3f}." for row in rows if CLS_ACCURACY in row]],
         table=[[row["model"], *[f"{row[m][0]:.3f} ± {row[m][1]:.3f}" for m in METRICS]] for row in rows],

@@ -6,8 +6,8 @@
   vs base), mean ± std band;
 * :func:`ranks_section`: along the harmful answers, the rank of the harmful token and of the best
   refusal token per position, for each model;
-* :func:`knockout_section`: how often the correct harmful token stays in the top 20 when the answer
-  may not read itself in the later layers, or in any layer (attention knockout), for each model.
+* :func:`knockout_section`: how often the correct harmful token is ranked first or in the top 20 when
+  the answer may not read itself in the later layers, or in any layer (attention knockout), per model.
 """
 
 from __future__ import annotations
@@ -55,9 +55,9 @@ def attention_section(first: str | Path, second: str | Path, world: SyntheticWor
     text = [f"Mean attention mass on the harmful prefill from the response positions, per layer and head, over "
             f"{len(examples)} (request, prefill) pairs. Mean over heads: {names[0]} {mean[0]:.3f}, "
             f"{names[1]} {mean[1]:.3f}."]
-    text.append("The table gives the mean over heads per layer: the first layer cannot yet tell a harmful "
-                "context from a benign one, so a penalty that asks only harmful contexts to look away from the "
-                "prefill moves the later layers first.")
+    text.append("The table gives the mean over heads per layer. A penalty that asks harmful contexts alone to look "
+                "away can reach the later layers more easily than the first, which cannot yet tell a harmful context "
+                "from a benign one before it has attended.")
     table = [[layer, *(f"{float(m[layer].mean()):.3f}" for m in maps)] for layer in range(maps[0].shape[0])]
     sections = [Section(f"Attention to the prefill: {names[0]} vs {names[1]}", text,
                         comparison_heatmaps(maps[0], maps[1], names), table=table,
