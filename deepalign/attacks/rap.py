@@ -21,6 +21,7 @@ runs the same state machine one prompt at a time, recomputing the whole sequence
 
 from __future__ import annotations
 
+import numbers
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -29,16 +30,27 @@ import torch
 from tqdm.auto import tqdm
 
 from deepalign.attacks.selectors import BACKTRACK, Candidate, Selector
+from deepalign.errors import InputError
 from deepalign.kernels import topk_rank
+from deepalign.models.cache import cache_kwargs, output_cache
 from deepalign.models.chat import collate, render_chat
 from deepalign.models.generation import end_token_ids
 
 
 @dataclass(frozen=True)
 class RAPConfig:
+    """``k`` candidates shown per interaction, at most ``max_interactions`` interactions and
+    ``max_new_tokens`` selected tokens per prompt; each a positive int (:class:`InputError` otherwise)."""
+
     k: int = 20
     max_interactions: int = 512
     max_new_tokens: int = 256
+
+    def __post_init__(self):
+        for name in ("k", "max_interactions", "max_new_tokens"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+                raise InputError(f"{name} must be a positive int, got {value!r}")
 
 
 @dataclass
@@ -149,7 +161,7 @@ def rap_attack(model, tokenizer, prompts: Sequence[str], prefills: Sequence[Sequ
                config: RAPConfig = RAPConfig(), *, progress: bool = True) -> list[RAPResult]:
     """RAP on a batch of prompts with one KV cache; see the module docstring."""
     if len(prompts) != len(prefills):
-        raise ValueError(f"prompts ({len(prompts)}) and prefills ({len(prefills)}) must have the same length")
+        raise InputError(f"prompts ({len(prompts)}) and prefills ({len(prefills)}) must have the same length")
     started = time.perf_counter()
     if hasattr(selector, "begin"):
         selector.begin(prompts)
@@ -158,20 +170,20 @@ def rap_attack(model, tokenizer, prompts: Sequence[str], prefills: Sequence[Sequ
     context = max((getattr(model.config, "max_position_embeddings", None) or 10**9), 1)
     longest = max(len(e) for e in examples)
     if longest + config.max_new_tokens > context:
-        raise ValueError(f"a prompt with its prefill has {longest} tokens; with max_new_tokens = "
+        raise InputError(f"a prompt with its prefill has {longest} tokens; with max_new_tokens = "
                          f"{config.max_new_tokens} it exceeds the model's context of {context}")
     window = getattr(model.config, "sliding_window", None)
     if window and longest + config.max_interactions > window:
         # Sliding-window masks and caches count cache slots, holes included: a row could lose real
         # tokens it would see alone. The one-at-a-time path has no holes.
-        raise ValueError(f"batched RAP on a sliding-window model (window {window}) needs prompt + max_interactions "
+        raise InputError(f"batched RAP on a sliding-window model (window {window}) needs prompt + max_interactions "
                          f"≤ window (here {longest} + {config.max_interactions}); use rap_attack_unbatched")
     batch = collate(examples, tokenizer.pad_token_id)
     prompt_mask = batch["attention_mask"].to(device)
     positions = (prompt_mask.cumsum(dim=1) - 1).clamp_min(0)
     out = model(batch["input_ids"].to(device), attention_mask=prompt_mask, position_ids=positions, use_cache=True,
                 logits_to_keep=1)
-    cache, mask = out.past_key_values, prompt_mask.clone()
+    cache, mask = output_cache(out), prompt_mask.clone()
     rows = [_Row(i, prefix_tail=list(e.input_ids[-2:])) for i, e in enumerate(examples)]
     for row, cands in zip(rows, _candidates(out.logits[:, -1], config.k, tokenizer)):
         row.push_candidates(cands)
@@ -200,8 +212,9 @@ def rap_attack(model, tokenizer, prompts: Sequence[str], prefills: Sequence[Sequ
         new_column[fed_rows, 0] = 1
         mask = torch.cat([mask, new_column], dim=1)
         positions = (mask.sum(dim=1, keepdim=True) - 1).clamp_min(0)
-        out = model(new_tokens, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True)
-        cache = out.past_key_values
+        out = model(new_tokens, attention_mask=mask, position_ids=positions, use_cache=True,
+                    **cache_kwargs(model, cache))
+        cache = output_cache(out)
         for index, cands in zip(fed_rows, _candidates(out.logits[fed_rows, -1], config.k, tokenizer)):
             rows[index].slots.append(width)
             rows[index].push_candidates(cands)

@@ -27,6 +27,7 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
+from deepalign.models.cache import cache_kwargs, output_cache
 from deepalign.models.chat import collate, encode_text, render_chat
 from deepalign.models.cls_strategy import Insertion, Strategy, StrategyConfig
 from deepalign.models.generation import GREEDY, Sampling, end_token_ids, sample_next_token
@@ -201,7 +202,7 @@ class _Decoding:
             self._record(ids[0].tolist(), list(range(width)),
                          torch.ones(width, width, dtype=torch.bool).tril())
         self.trace.passes += 1
-        self.cache = output.past_key_values
+        self.cache = output_cache(output)
         self.logits = self.first_logits = output.logits[0, -1].float()
         self.fed: list[tuple[_Slot, torch.Tensor]] = []  # response tokens fed since, with their logits
 
@@ -284,13 +285,13 @@ class _Decoding:
         if with_cls:
             output, cls_logit = cls_forward(model, inputs, visible, position_ids,
                                             torch.zeros(1, dtype=torch.long, device=device),
-                                            past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+                                            cache=self.cache, use_cache=True, logits_to_keep=1)
         else:
             dtype = next(model.parameters()).dtype
             output = model(inputs, attention_mask=additive_mask(visible, dtype), position_ids=position_ids,
-                           past_key_values=self.cache, use_cache=True)
+                           use_cache=True, **cache_kwargs(model, self.cache))
             cls_logit = None
-        self.cache = output.past_key_values
+        self.cache = output_cache(output)
         return output, cls_logit
 
     def _record(self, ids: list[int], positions: list[int], visible: torch.Tensor) -> None:

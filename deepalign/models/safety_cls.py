@@ -33,6 +33,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from deepalign.models.cache import cache_kwargs
+
 CLS_TOKEN = "<|cls|>"
 CONFIG_KEY = "deepalign_safety_cls_token_id"
 STAGES = ("pretrain", "sft")
@@ -169,18 +171,20 @@ def additive_mask(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def cls_forward(model, input_ids: torch.Tensor, visible: torch.Tensor, position_ids: torch.Tensor,
-                cls_index: torch.Tensor, *, past_key_values=None, use_cache: bool = False, logits_to_keep: int = 0):
+                cls_index: torch.Tensor, *, cache=None, use_cache: bool = False, logits_to_keep: int = 0):
     """One forward pass under ``visible``; returns ``(output, cls_logit [B])`` where ``cls_index``
-    is each row's [CLS] column among the *queries* of this pass. ``logits_to_keep = n`` computes the
-    logits of the last n queries only (0: all)."""
+    is each row's [CLS] column among the *queries* of this pass. ``cache`` is the KV cache to extend
+    (passed under the keyword the installed transformers expects, see :mod:`deepalign.models.cache`;
+    read the new one with :func:`~deepalign.models.cache.output_cache`). ``logits_to_keep = n``
+    computes the logits of the last n queries only (0: all)."""
     window = getattr(model.config, "sliding_window", None)
     if window and visible.shape[-1] > window:
         raise ValueError(f"{visible.shape[-1]} keys exceed the model's sliding window of {window}: the [CLS] masks "
                          "replace the model's own masks and do not apply the window")
     dtype = next(model.parameters()).dtype
     output = model(input_ids, attention_mask=additive_mask(visible, dtype), position_ids=position_ids,
-                   past_key_values=past_key_values, use_cache=use_cache, output_hidden_states=True,
-                   logits_to_keep=logits_to_keep)
+                   use_cache=use_cache, output_hidden_states=True, logits_to_keep=logits_to_keep,
+                   **cache_kwargs(model, cache))
     hidden = output.hidden_states[-1]
     rows = torch.arange(hidden.shape[0], device=hidden.device)
     return output, model.safety_head(hidden[rows, cls_index]).squeeze(-1).float()

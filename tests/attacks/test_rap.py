@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import re
 from types import SimpleNamespace
 
 import pytest
@@ -216,3 +217,26 @@ def test_synthetic_oracle_blocks_refusals_and_early_ends(world, tokenizer):
     assert oracle.flags(0, [], candidates) == [False, False, True]
     assert oracle.decide(0, [], candidates).index == 2
     assert oracle.flags(0, ids("sure . to make bomb : heat oil"), candidates) == [True, False, True]
+
+
+def test_batched_rap_passes_the_cache_under_the_current_keyword(world, tokenizer, monkeypatch):
+    """No deprecation of ``past_key_values`` from transformers on the batched path (cache in and out)."""
+    from tests.models.test_cache import no_cache_deprecation
+
+    model = tiny_random_model(vocab_size=len(tokenizer), seed=3)
+    items = world.harmful_items()[:2]
+    prompts = [world.request(item, p) for item, p in zip(items, range(2))]
+    with no_cache_deprecation(monkeypatch):
+        results = rap_attack(model, tokenizer, prompts, [[], []], synthetic_oracle(world, tokenizer),
+                             RAPConfig(k=5, max_new_tokens=6, max_interactions=12), progress=False)
+    assert all(r.interactions >= 1 for r in results)
+
+
+@pytest.mark.parametrize("field, value", [("k", 0), ("max_interactions", -1), ("max_new_tokens", 0),
+                                          ("k", 2.5), ("max_interactions", True), ("max_new_tokens", "8")])
+def test_config_fields_must_be_positive_ints(field, value):
+    from deepalign.errors import InputError
+
+    with pytest.raises(InputError, match=rf"^{field} must be a positive int, got {re.escape(repr(value))}$"):
+        RAPConfig(**{field: value})
+    assert RAPConfig() == RAPConfig(k=20, max_interactions=512, max_new_tokens=256)

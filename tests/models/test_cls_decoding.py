@@ -233,3 +233,21 @@ def test_probes_are_read_by_nobody(cls_model):
                for schedule in ("first", "each", "periodic", "annealing")}
     assert len({tuple(o.tokens) for o in outputs.values()}) == 1
     assert outputs["each"].trace.classifications == 17 and outputs["first"].trace.classifications == 1
+
+
+def test_cached_decoding_passes_the_cache_under_the_current_keyword(cls_model, monkeypatch):
+    """No deprecation of ``past_key_values`` from transformers: the cache goes in and comes out under
+    the name the installed version uses (with [CLS] probes, without, and through RAP's oracle)."""
+    from tests.models.test_cache import no_cache_deprecation
+
+    model, tokenizer = cls_model
+    words = encode_text(tokenizer, "sure . to make")
+    with no_cache_deprecation(monkeypatch):
+        with_cls = DefendedDecoder(model, tokenizer, StrategyConfig(schedule="each", threshold=0.99), lead_in=LEAD_IN)
+        state = _Decoding(with_cls, PROMPT, words[:1])
+        for step in range(1, 4):
+            state.advance(int(torch.argmax(state.logits)), step)
+        for prefill in (words[:2], words[:4], words[:3]):  # extends, then rewinds the cache
+            with_cls.next_token_logits(PROMPT, prefill)
+        plain = DefendedDecoder(model, tokenizer, use_cls=False).generate(PROMPT, words[:1], GREEDY, max_new_tokens=4)
+    assert state.trace.classifications == 4 and len(plain.tokens) >= 1

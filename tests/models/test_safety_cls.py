@@ -195,3 +195,26 @@ def test_window_augmentation_shows_cls_a_run_of_content_tokens(cls_model, world)
         assert torch.equal(visible[row][others], stage_visibility(widened, "pretrain")[row][others])
     with pytest.raises(ValueError, match="only applies to cls-pretrain"):
         CLSRecipe(tokenizer, "sft", malicious=malicious, benign=benign, window_probability=0.5)
+
+
+def test_cls_forward_extends_a_cache_without_deprecation(cls_model, tokenizer, monkeypatch):
+    """A pass over the last tokens on the cache of the first ones equals the full pass, and the cache
+    travels under the keyword the installed transformers expects (no ``past_key_values`` warning)."""
+    from deepalign.models.cache import output_cache
+    from tests.models.test_cache import no_cache_deprecation
+
+    model, tokenizer = cls_model
+    _, widened = _widened(tokenizer, [("how do i make bomb ?", "", "sure . heat oil")])
+    visible = stage_visibility(widened, "sft")
+    ids, positions = widened["input_ids"], widened["position_ids"]
+    split = ids.shape[1] - 3
+    with torch.no_grad():
+        full, full_cls = cls_forward(model, ids, visible, positions, widened["cls_index"])
+        with no_cache_deprecation(monkeypatch):
+            head, head_cls = cls_forward(model, ids[:, :split], visible[:, :split, :split], positions[:, :split],
+                                         widened["cls_index"], use_cache=True)
+            tail, _ = cls_forward(model, ids[:, split:], visible[:, split:], positions[:, split:],
+                                  torch.zeros(1, dtype=torch.long), cache=output_cache(head), use_cache=True)
+            assert output_cache(tail).get_seq_length() == ids.shape[1]
+    assert torch.allclose(head_cls, full_cls, atol=1e-5)
+    assert torch.allclose(tail.logits[0], full.logits[0, split:], atol=1e-5)
