@@ -21,6 +21,7 @@ setup(
         "numpy>=1.24",
         "plotly>=5.20",
         "tqdm>=4.66",
+        "httpx>=0.27,<1",  # the HTTP rubric judge (deepalign.evaluation.rubric)
         # Hugging Face integration (deepalign.models); the kernels never import it.
         # Tested 5.17 (GPU image) and 5.24 (CPU); KV-cache keyword (past_key_values->cache) read from signatures: <6 ok.
         "transformers>=5.17,<6",
