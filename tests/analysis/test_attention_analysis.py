@@ -60,10 +60,15 @@ def test_hooks_eager_and_kernel_agree(world, tokenizer, saved_model, queries, mo
 
 
 def test_compare_and_errors(world, tokenizer):
-    a, b = torch.rand(2, 4), torch.rand(2, 4)
-    assert torch.equal(compare_models(a, b)["difference"], b - a)
+    # second − first, written out: [[.5 − .25, .125 − .75], [.3 − .3, 1 − .5]] (dyadic values, and .3 − .3 is exactly 0).
+    first = torch.tensor([[0.25, 0.75], [0.30, 0.50]])
+    second = torch.tensor([[0.50, 0.125], [0.30, 1.00]])
+    compared = compare_models(first, second)
+    assert torch.equal(compared["first"], first) and torch.equal(compared["second"], second)
+    assert compared["difference"].tolist() == [[0.25, -0.625], [0.0, 0.5]]
+    assert set(compared) == {"first", "second", "difference"}
     with pytest.raises(ValueError, match="different layer × head shapes"):
-        compare_models(a, torch.rand(3, 4))
+        compare_models(first, torch.rand(3, 2))
     spans = render_chat(tokenizer, "hi", response="sure")
     with pytest.raises(ValueError, match="empty prefill"):
         query_mask(spans)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import re
+import sys
+import types
 
 import plotly.graph_objects as go
 import pytest
@@ -43,10 +45,39 @@ def test_report_is_offline_escapes_model_text_and_writes_data(tmp_path):
     assert set(data) == {"0: Attention", "2: Lines"}
 
 
-def test_png_export_explains_what_is_missing(tmp_path):
-    try:
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def test_png_export_without_kaleido_names_the_package_and_writes_nothing(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "kaleido", None)  # `import kaleido` raises ImportError
+    with pytest.raises(RuntimeError) as raised:
         export_png(head_heatmap(torch.rand(2, 2), "m"), tmp_path / "f.png")
+    message = str(raised.value)
+    assert "kaleido" in message and "pip install" in message
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_png_export_without_a_browser_names_chromium_and_writes_nothing(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "kaleido", types.ModuleType("kaleido"))  # importable
+
+    def no_browser(self, *args, **kwargs):
+        raise RuntimeError("BrowserFailedError: could not find a Chrome executable")
+
+    monkeypatch.setattr(go.Figure, "write_image", no_browser)
+    with pytest.raises(RuntimeError) as raised:
+        export_png(head_heatmap(torch.rand(2, 2), "m"), tmp_path / "f.png")
+    assert "Chromium" in str(raised.value) and "could not find a Chrome executable" in str(raised.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_png_export_writes_a_png_where_kaleido_and_a_browser_exist(tmp_path):
+    pytest.importorskip("kaleido")
+    path = tmp_path / "f.png"
+    try:
+        returned = export_png(head_heatmap(torch.rand(2, 2), "m"), path)
     except RuntimeError as error:
-        assert "kaleido" in str(error) or "Chromium" in str(error)
-    else:
-        assert (tmp_path / "f.png").stat().st_size > 0
+        if "Chromium" not in str(error):
+            raise
+        pytest.skip(f"kaleido is installed but has no browser: {error}")
+    assert returned == path
+    assert path.read_bytes()[:8] == PNG_MAGIC

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import collections
+import inspect
 import random
+import types
 
 import torch
 import transformers
@@ -18,7 +20,6 @@ from deepalign.attacks.autorap import (
 )
 from deepalign.attacks.rap import RAPConfig, rap_attack
 from deepalign.attacks.selectors import ClassifierSelector
-from deepalign.kernels import topk_rank
 from deepalign.models.chat import encode_text, render_chat
 from deepalign.models.loading import tiny_random_model
 from deepalign.training.trainer import Trainer, TrainerConfig
@@ -36,17 +37,49 @@ def helper_model(tokenizer):
     return transformers.LlamaForTokenClassification(config)
 
 
-def test_candidates_are_top20_tokens_counted_at_least_tau_times(world, tokenizer):
-    model = tiny_random_model(vocab_size=len(tokenizer), seed=4)
-    data = rows(world)
-    candidates, prefills = candidate_refusal_tokens(model, tokenizer, data, k=20, threshold=2, seed=1)
-    counts = collections.Counter()
-    for (prompt, harmful), prefill in zip(data, prefills):
-        assert 1 <= len(prefill) <= len(encode_text(tokenizer, harmful))
-        spans = render_chat(tokenizer, prompt, prefill=prefill, close_turn=False)
-        counts.update(topk_rank(model(torch.tensor([spans.input_ids])).logits[:, -1], 20).indices[0].tolist())
-    assert set(candidates) == {t for t, c in counts.items() if c >= 2}
-    assert [counts[t] for t in candidates] == sorted((counts[t] for t in candidates), reverse=True)
+class ScriptedModel(torch.nn.Module):
+    """A stand-in target model whose next-token logits are scripted: on its n-th call the logits at
+    the last position rank ``TOP[n]`` first (in that order); every earlier position ranks tokens
+    20, 21, 22 first, so reading any position but the last gives other candidates."""
+
+    VOCAB = 32
+    TOP = [[9, 4, 1], [4, 9, 6], [9, 1, 3], [0, 8, 9]]
+
+    def __init__(self):
+        super().__init__()
+        self.anchor = torch.nn.Parameter(torch.zeros(1))
+        self.seen = []
+
+    def forward(self, input_ids, **kwargs):
+        top = self.TOP[len(self.seen)]
+        self.seen.append(input_ids[0].tolist())
+        length = input_ids.shape[1]
+        logits = -1.0 - 0.01 * torch.arange(self.VOCAB, dtype=torch.float32).repeat(1, length, 1)
+        logits[0, :, [20, 21, 22]] = torch.tensor([10.0, 9.0, 8.0])
+        logits[0, -1] = -1.0 - 0.01 * torch.arange(self.VOCAB, dtype=torch.float32)
+        logits[0, -1, top] = torch.tensor([10.0, 9.0, 8.0])
+        return types.SimpleNamespace(logits=logits)
+
+
+def test_candidates_are_top_k_tokens_counted_at_least_tau_times(world, tokenizer):
+    """Top-3 lists by hand: [9, 4, 1], [4, 9, 6], [9, 1, 3], [0, 8, 9]. Counts: 9 → 4, 4 → 2,
+    1 → 2, and 6, 3, 0, 8 → 1. So τ = 2 gives [9, 1, 4] (most frequent first, ties by lower id),
+    τ = 3 gives [9], τ = 1 gives [9, 1, 4, 0, 3, 6, 8] and τ = 5 nothing."""
+    data = rows(world)[:4]
+    want = {1: [9, 1, 4, 0, 3, 6, 8], 2: [9, 1, 4], 3: [9], 4: [9], 5: []}
+    for threshold, expected in want.items():
+        model = ScriptedModel()
+        candidates, prefills = candidate_refusal_tokens(model, tokenizer, data, k=3, threshold=threshold, seed=1)
+        assert candidates == expected, (threshold, candidates)
+        # Each row was read once, as prompt + its drawn prefill (1..|h| leading harmful tokens).
+        assert len(model.seen) == len(data) == len(prefills)
+        for (prompt, harmful), prefill, seen in zip(data, prefills, model.seen):
+            tokens = encode_text(tokenizer, harmful)
+            assert 1 <= len(prefill) <= len(tokens) and prefill == tokens[:len(prefill)]
+            assert seen == list(render_chat(tokenizer, prompt, prefill=prefill, close_turn=False).input_ids)
+            assert seen[-len(prefill):] == prefill
+    signature = inspect.signature(candidate_refusal_tokens).parameters
+    assert signature["k"].default == 20 and signature["threshold"].default == 2  # the authors' k and τ
 
 
 def test_dataset_round_trip_and_augmentation(world, tokenizer, tmp_path):
