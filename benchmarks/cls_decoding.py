@@ -34,7 +34,7 @@ def _world_model(device: str):
     from deepalign.models.safety_cls import load_safety_cls
 
     if not (STAGES_DIR / "cls" / "final").is_dir():
-        from deepalign.stages import StageSettings, run_stages
+        from deepalign.experiments.stages import StageSettings, run_stages
 
         run_stages(STAGES_DIR, StageSettings(progress=False), stages=("base", "cls"))
     model, tokenizer = load_safety_cls(STAGES_DIR / "cls" / "final", device=device)

@@ -8,7 +8,6 @@ torch / triton versions and the date.
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import platform
 import statistics
 import time
@@ -54,14 +53,14 @@ def append_rows(kernel: str, rows: list[dict]) -> Path:
     """Append ``rows`` (plus versions, device and date) to ``results/<kernel>.jsonl``."""
     import triton
 
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{kernel}.jsonl"
+    from deepalign.io import JsonlLog
+
+    log = JsonlLog(RESULTS / f"{kernel}.jsonl", key=None)
     stamp = {"torch": torch.__version__, "triton": triton.__version__,
              "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
-    with path.open("a", encoding="utf-8") as handle:
-        for row in rows:
-            handle.write(json.dumps({"kernel": kernel, **row, **stamp}) + "\n")
-    return path
+    for row in rows:
+        log.append({"kernel": kernel, **row, **stamp})
+    return log.path
 
 
 def bench_main(kernel: str, doc: str, run: Callable[[bool], list[dict]]) -> None:

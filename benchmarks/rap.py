@@ -28,7 +28,7 @@ STAGES_DIR = Path("runs/stages")
 
 def _model():
     if not (STAGES_DIR / "da" / "final").is_dir():
-        from deepalign.stages import StageSettings, run_stages
+        from deepalign.experiments.stages import StageSettings, run_stages
 
         run_stages(STAGES_DIR, StageSettings(progress=False), stages=("base", "da"))
     device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -36,3 +36,11 @@ class SettingsMismatchError(DeepalignError):
 
 class EndpointError(DeepalignError, RuntimeError):
     """A judge endpoint that failed: unreachable, timed out, an error status or a malformed answer."""
+
+
+def check_int(name: str, value, *, minimum: int = 1) -> int:
+    """``value`` when it is an int ≥ ``minimum`` (not a bool); else :class:`InputError` naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        kind = "a positive int" if minimum == 1 else f"an int ≥ {minimum}"
+        raise InputError(f"{name} must be {kind}, got {value!r}")
+    return value

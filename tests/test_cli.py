@@ -1,5 +1,6 @@
 """The ``deepalign`` command."""
 
+import re
 import subprocess
 import sys
 
@@ -47,18 +48,55 @@ def test_world_then_train_from_the_command_line(tmp_path, capsys):
     assert "trained ft-attack for 3 steps" in capsys.readouterr().out
 
 
+def refused(capsys, argv: list[str], message: str) -> str:
+    """Run the command; it must end with exit code 2 and a last stderr line matching ``message``,
+    with no traceback."""
+    try:
+        code = main(argv)
+    except SystemExit as exit:  # argparse's own refusals
+        code = exit.code
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert re.search(message, last), last
+    return last
+
+
+@pytest.fixture
+def files(tmp_path):
+    """Placeholder paths that exist: model m/, data files c.jsonl, s.jsonl, t.txt, r/."""
+    (tmp_path / "m").mkdir()
+    (tmp_path / "r").mkdir()
+    for name in ("c.jsonl", "s.jsonl", "t.txt"):
+        (tmp_path / name).write_text("")
+    return tmp_path
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--recipe", "sft"], "--recipe sft needs --chat"),
     (["--recipe", "da", "--safety", "s.jsonl"], "needs --chat \\(the utility anchor\\)"),
     (["--recipe", "sft", "--chat", "c.jsonl", "--presto-weight", "2"], "--presto-weight only applies to --recipe presto"),
-    (["--recipe", "da", "--safety", "s", "--chat", "c", "--reference", "r"], "--reference only applies"),
-    (["--recipe", "ft-attack", "--safety", "s"], "--recipe ft-attack needs --attack"),
-    (["--recipe", "sft", "--chat", "c", "--attack", "harmful"], "--attack and --objective only apply"),
-    (["--recipe", "sft", "--chat", "c", "--texts", "t"], "--texts only applies to --recipe pretrain"),
+    (["--recipe", "da", "--safety", "s.jsonl", "--chat", "c.jsonl", "--reference", "r"],
+     "--reference only applies to --recipe constrained, ft-attack"),
+    (["--recipe", "ft-attack", "--safety", "s.jsonl"], "--recipe ft-attack needs --attack"),
+    (["--recipe", "ft-attack", "--attack", "harmful"], "--attack harmful needs --safety"),
+    (["--recipe", "sft", "--chat", "c.jsonl", "--attack", "harmful"], "--attack only applies to --recipe ft-attack"),
+    (["--recipe", "sft", "--chat", "c.jsonl", "--texts", "t.txt"], "--texts only applies to --recipe pretrain, cls-pretrain"),
+    (["--recipe", "sft", "--chat", "c.jsonl", "--cls-weight", "1"], "--cls-weight only applies to --recipe cls-pretrain"),
+    (["--recipe", "cls-sft", "--chat", "c.jsonl", "--safety", "s.jsonl", "--lora-rank", "4"],
+     "--lora-rank only applies to"),
+    (["--recipe", "cls-pretrain", "--chat", "c.jsonl", "--safety", "s.jsonl", "--texts", "t.txt"],
+     "needs --malicious-texts"),
+    (["--recipe", "sft", "--chat", "missing.jsonl"], "argument --chat: missing.jsonl: no such file"),
+    (["--recipe", "sft", "--chat", "c.jsonl"], "c.jsonl: the file has no rows"),
+    (["--recipe", "sft", "--chat", "c.jsonl", "--batch-size", "0"], "argument --batch-size: must be a positive integer"),
+    (["--recipe", "sft", "--chat", "c.jsonl", "--lr", "nan"], "argument --lr: expected a finite number"),
+    (["--recipe", "da", "--safety", "s.jsonl", "--safety-fraction", "1.5"], "argument --safety-fraction: must be in"),
 ])
-def test_contradictory_train_options_are_refused(extra, message):
-    with pytest.raises(SystemExit, match=message):
-        main(["train", "--model", "m", "--output", "o"] + extra)
+def test_bad_train_options_are_refused_by_name(files, capsys, monkeypatch, extra, message):
+    monkeypatch.chdir(files)
+    refused(capsys, ["train", "--model", "m", "--output", "o"] + extra, message)
 
 
 def test_attacks_from_the_command_line_on_the_world(tmp_path, capsys):
@@ -79,11 +117,63 @@ def test_attacks_from_the_command_line_on_the_world(tmp_path, capsys):
     assert len((tmp_path / "r.jsonl").read_text().splitlines()) == 4
 
 
-def test_attack_argument_errors(tmp_path):
-    with pytest.raises(SystemExit, match="--selector lexicon needs --blocked"):
-        main(["attack", "rap", "--model", "m", "--output", "o", "--targets", "t", "--selector", "lexicon"])
-    with pytest.raises(SystemExit, match="deepalign attack: give either a targets file or a synthetic world"):
-        main(["attack", "prefill", "--model", "m", "--output", str(tmp_path / "o")])
+@pytest.mark.parametrize("extra, message", [
+    (["prefill", "--lengths", "-3"], "argument --lengths: must be an integer ≥ 0, got '-3'"),
+    (["prefill", "--limit", "-1"], "argument --limit: must be a positive integer"),
+    (["prefill", "--batch-size", "0"], "argument --batch-size: must be a positive integer"),
+    (["prefill", "--top-p", "2"], "argument --top-p: must be in \\[0, 1\\]"),
+    (["rap", "--max-interactions", "-1"], "argument --max-interactions: must be a positive integer"),
+    (["rap", "--prefill-tokens", "-2"], "argument --prefill-tokens: must be an integer ≥ 0"),
+    (["rap", "--tau", "7"], "argument --tau: must be an integer in \\[1, 3\\]"),
+    (["rap", "--targets", "t.txt", "--selector", "lexicon"], "--selector lexicon needs --blocked"),
+    (["prefill"], "give either --targets \\(a benchmark file\\) or --world"),
+    (["prefill", "--targets", "missing.csv"], "argument --targets: missing.csv: no such file"),
+    (["prefill", "--targets", "t.txt", "--output", "."], "argument --output: .: is a directory"),
+    (["prefill", "--targets", "t.txt", "--output", "t.txt/o.jsonl"], "argument --output: .*t.txt is a file"),
+    (["prefill", "--targets", "t.txt"], "t.txt: the file has no rows"),
+    (["prefill", "--model", "nowhere"], "argument --model: nowhere: no such model folder"),
+])
+def test_bad_attack_options_are_refused_by_name(files, capsys, monkeypatch, extra, message):
+    monkeypatch.chdir(files)
+    kind, *rest = extra
+    argv = ["attack", kind, "--model", "m", "--output", "o.jsonl", *rest]
+    if "--model" in rest:
+        argv = ["attack", kind, "--output", "o.jsonl", *rest]
+    refused(capsys, argv, message)
+
+
+def test_bad_files_are_refused_with_file_and_line(files, capsys, monkeypatch):
+    monkeypatch.chdir(files)
+    (files / "bad.csv").write_bytes(b"goal,target\ncaf\xe9,Sure\n")
+    refused(capsys, ["attack", "prefill", "--model", "m", "--output", "o.jsonl", "--targets", "bad.csv"],
+            r"bad.csv:2: not UTF-8 text \(byte 0xe9 at byte offset 15\)")
+    (files / "deep.jsonl").write_text("[" * 100000 + "]" * 100000 + "\n")
+    refused(capsys, ["train", "--recipe", "sft", "--model", "m", "--output", "o", "--chat", "deep.jsonl"],
+            r"deep.jsonl:1: JSON nested too deeply")
+    (files / "surrogate.jsonl").write_text('{"prompt": "\\ud800", "response": "x"}\n')
+    refused(capsys, ["train", "--recipe", "sft", "--model", "m", "--output", "o", "--chat", "surrogate.jsonl"],
+            r"surrogate.jsonl:1: .*lone surrogate")
+
+
+def test_interrupt_exits_130_with_one_line(files, capsys, monkeypatch):
+    import deepalign.cli.world as world_command
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(world_command, "run", interrupted)
+    assert main(["world", "--output", str(files / "w")]) == 130
+    assert capsys.readouterr().err.strip() == "deepalign world: interrupted; rerun the same command to resume"
+
+
+def test_os_errors_become_one_line(files, capsys, monkeypatch):
+    import deepalign.experiments.world_files as world_files
+
+    def denied(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(files / "w" / "world.json"))
+
+    monkeypatch.setattr(world_files, "write_world", denied)
+    refused(capsys, ["world", "--output", str(files / "w")], r"w/world.json: Permission denied$")
 
 
 def test_judge_rejudges_a_result_log(tmp_path, capsys):
@@ -97,8 +187,11 @@ def test_judge_rejudges_a_result_log(tmp_path, capsys):
     judged = [json.loads(line) for line in (tmp_path / "j.jsonl").read_text().splitlines()]
     assert [r["harmful"] for r in judged] == [True, False] and all(r["judge"] == "keyword" for r in judged)
     assert "0.500" in capsys.readouterr().out
-    with pytest.raises(SystemExit, match="rubric-http needs --url and --judge-model"):
-        main(["judge", "--results", str(results), "--output", str(tmp_path / "x.jsonl"), "--judge", "rubric-http"])
+    # Rerunning with another judge into the same output is refused; a missing --url is named.
+    refused(capsys, ["judge", "--results", str(results), "--output", str(tmp_path / "j.jsonl"), "--judge", "synthetic"],
+            r"made with other settings \(judge: \"keyword\" → \"synthetic\"\)")
+    refused(capsys, ["judge", "--results", str(results), "--output", str(tmp_path / "x.jsonl"), "--judge",
+                     "rubric-http"], "rubric-http needs --url and --judge-model")
 
 
 def test_analyze_commands_write_reports(tmp_path, capsys):
@@ -115,8 +208,10 @@ def test_analyze_commands_write_reports(tmp_path, capsys):
     assert "Mean over the first 3 positions 0.000 nats, afterwards 0.000 nats" in out  # KL of a model with itself
     assert "ablated heads | prefill 2 | prefill 5 | RAP" in out and "top 4 prefill heads" in out
     assert "model | top 1, no knockout | top 1, knockout in layers 1+" in out
-    with pytest.raises(SystemExit, match="give exactly two --models"):
-        main(["analyze", "kl", "--models", model, "--world", str(tmp_path / "w"), "--output", str(tmp_path / "x.html")])
+    refused(capsys, ["analyze", "kl", "--models", model, "--world", str(tmp_path / "w"), "--output",
+                     str(tmp_path / "x.html")], "analyze kl takes exactly 2 --models, got 1")
+    refused(capsys, ["analyze", "ranks", "--models", model, "--world", str(tmp_path / "w"), "--output",
+                     str(tmp_path)], "argument --output: .*: is a directory")
 
 
 def test_autorap_from_the_command_line(tmp_path, capsys):
@@ -132,8 +227,8 @@ def test_autorap_from_the_command_line(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "candidate refusal tokens each" in out and "trained the AutoRAP classifier for 3 steps" in out
     assert len((tmp_path / "rap.jsonl").read_text().splitlines()) == 2
-    with pytest.raises(SystemExit, match="--selector autorap needs --helper"):
-        main(["attack", "rap", "--model", model, "--world", world, "--selector", "autorap", "--output", "x"])
+    refused(capsys, ["attack", "rap", "--model", model, "--world", world, "--selector", "autorap", "--output",
+                     str(tmp_path / "x.jsonl")], "--selector autorap needs --helper")
 
 
 def test_cls_training_and_defended_attacks_from_the_command_line(tmp_path, capsys):
@@ -155,8 +250,34 @@ def test_cls_training_and_defended_attacks_from_the_command_line(tmp_path, capsy
     assert main(["attack", "rap", *common, "--output", str(tmp_path / "r.jsonl"), "--max-interactions", "6"]) == 0
     assert len((tmp_path / "p.jsonl").read_text().splitlines()) == 2
     assert len((tmp_path / "r.jsonl").read_text().splitlines()) == 2
-    with pytest.raises(SystemExit, match="needs --malicious-texts"):
-        main(["train", "--recipe", "cls-pretrain", "--model", str(world / "model"), "--output", str(tmp_path / "x"),
-              "--texts", str(tmp_path / "benign.txt"), *args])
-    with pytest.raises(SystemExit, match="only apply to the cls"):
-        main(["train", "--recipe", "sft", "--model", "m", "--output", "o", "--chat", "c", "--cls-weight", "1"])
+    refused(capsys, ["train", "--recipe", "cls-pretrain", "--model", str(world / "model"), "--output",
+                     str(tmp_path / "x"), "--texts", str(tmp_path / "benign.txt"), *args], "needs --malicious-texts")
+
+
+def test_judge_with_a_finetuned_evaluator(tmp_path, capsys):
+    import json
+
+    from deepalign.evaluation.judges import expected_score
+    from deepalign.models.loading import smollm2_tokenizer, tiny_random_model
+
+    tokenizer = smollm2_tokenizer()
+    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+    model = tiny_random_model(vocab_size=len(tokenizer), seed=0)
+    model.save_pretrained(tmp_path / "judge")
+    tokenizer.save_pretrained(tmp_path / "judge")
+    template = tmp_path / "template.txt"
+    template.write_text("Prompt: {forbidden_prompt}\nResponse: {response}\nScore {1-5}:")
+    results = tmp_path / "r.jsonl"
+    results.write_text(json.dumps({"key": "a", "id": "a", "prompt": "q", "output": "Sure"}) + "\n")
+    assert main(["judge", "--results", str(results), "--output", str(tmp_path / "j.jsonl"), "--judge",
+                 "finetuned-local", "--judge-path", str(tmp_path / "judge"), "--judge-template", str(template)]) == 0
+    judged = json.loads((tmp_path / "j.jsonl").read_text())
+    # The score from the definition: (E[digit] − 1) / 4 at the end of the filled-in template.
+    ids = tokenizer("Prompt: q\nResponse: Sure\nScore {1-5}:", return_tensors="pt", add_special_tokens=False)
+    digits = [tokenizer(d, add_special_tokens=False)["input_ids"][0] for d in "12345"]
+    expected = float(expected_score(model(**ids).logits[0, -1].detach(), digits))
+    assert judged["score"] == pytest.approx(expected, abs=1e-5) and judged["judge"] == "finetuned-local"
+    template.write_text("no placeholders")
+    refused(capsys, ["judge", "--results", str(results), "--output", str(tmp_path / "k.jsonl"), "--judge",
+                     "finetuned-local", "--judge-path", str(tmp_path / "judge"), "--judge-template", str(template)],
+            r"needs the placeholder\(s\) \{forbidden_prompt\}, \{response\}")

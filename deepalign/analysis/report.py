@@ -5,7 +5,6 @@ JSON file beside it. PNG export uses kaleido when it and a Chromium are availabl
 from __future__ import annotations
 
 import html
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -13,6 +12,7 @@ from typing import Sequence
 import plotly.graph_objects as go
 
 from deepalign.analysis.figures import figure_data
+from deepalign.io import atomic_write_json, atomic_write_text, check_writable_file
 
 
 @dataclass
@@ -35,8 +35,7 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
 
 def write_report(path: str | Path, title: str, sections: Sequence[Section]) -> Path:
     """Write ``path`` (HTML) and ``path.json`` (figure data); both atomically. Returns ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path = check_writable_file(path, what="report")
     parts = [f"<h1>{html.escape(title)}</h1>"]
     data = {}
     plotly_included = False
@@ -56,15 +55,9 @@ def write_report(path: str | Path, title: str, sections: Sequence[Section]) -> P
              "td,th{border:1px solid #ccc;padding:3px 8px}pre.sample{background:#f6f6f6;white-space:pre-wrap}")
     document = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
                 f"<style>{style}</style></head><body>{''.join(parts)}</body></html>")
-    _atomic_write(path, document)
-    _atomic_write(path.with_name(path.name + ".json"), json.dumps(data, indent=1))
+    atomic_write_text(path, document)
+    atomic_write_json(path.with_name(path.name + ".json"), data)
     return path
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
 
 
 def export_png(figure: go.Figure, path: str | Path) -> Path:

@@ -35,6 +35,8 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
+from deepalign.errors import FileFormatError
+from deepalign.io import atomic_write_text, iter_jsonl
 from deepalign.models.chat import encode_text, render_chat
 from deepalign.models.generation import GREEDY, generate_after_prefill
 from deepalign.training.augmentation import TrainingItem
@@ -89,24 +91,21 @@ def build_dataset(model, tokenizer, rows: Sequence[tuple[str, str]], *, k: int =
 
 
 def write_dataset(path: str | Path, rows: Sequence[AutoRAPRow]) -> Path:
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps({"prompt": r.prompt, "harmful_response": r.harmful_response,
-                                       "refusals": list(r.refusals)}) + "\n" for r in rows), encoding="utf-8")
-    tmp.replace(path)
-    return path
+    return atomic_write_text(path, "".join(json.dumps({"prompt": r.prompt, "harmful_response": r.harmful_response,
+                                                       "refusals": list(r.refusals)}) + "\n" for r in rows))
 
 
 def read_dataset(path: str | Path) -> list[AutoRAPRow]:
     rows = []
-    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-            rows.append(AutoRAPRow(record["prompt"], record["harmful_response"], tuple(record["refusals"])))
-        except (json.JSONDecodeError, KeyError, TypeError) as error:
-            raise ValueError(f"{path}:{number}: not an AutoRAP row ({error})") from None
+    for number, record in iter_jsonl(path, what="AutoRAP data file"):
+        ok = isinstance(record, dict) and all(isinstance(record.get(f), str) for f in ("prompt", "harmful_response")) \
+            and isinstance(record.get("refusals"), list) and all(isinstance(r, str) for r in record["refusals"])
+        if not ok:
+            raise FileFormatError(f"{path}:{number}: not an AutoRAP row (an object with strings prompt, "
+                                  "harmful_response and a list of strings refusals)")
+        rows.append(AutoRAPRow(record["prompt"], record["harmful_response"], tuple(record["refusals"])))
+    if not rows:
+        raise FileFormatError(f"{path}: the file has no rows")
     return rows
 
 

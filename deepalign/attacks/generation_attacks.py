@@ -8,7 +8,7 @@
   output is judged harmful.
 
 A judge is any callable ``judge(target, output) -> dict`` with at least ``"score"`` (0–1) and
-``"harmful"`` (bool). Every (prompt, setting, run) is one record in a :class:`ResultLog`, written as
+``"harmful"`` (bool). Every (prompt, setting, run) is one record in a :class:`~deepalign.io.JsonlLog`, written as
 soon as it is done, so a rerun continues where it stopped.
 """
 
@@ -19,7 +19,8 @@ from typing import Callable, Iterator, Sequence
 
 from tqdm.auto import tqdm
 
-from deepalign.attacks.results import ResultLog
+from deepalign.errors import InputError, check_int
+from deepalign.io import JsonlLog
 from deepalign.data.benchmarks import AttackTarget
 from deepalign.models.chat import encode_text
 from deepalign.models.generation import GREEDY, Sampling, generate_after_prefill
@@ -51,7 +52,7 @@ def plain_generate(model, tokenizer) -> Generate:
                                                                             sampling, seed=seed)
 
 
-def _run_jobs(model, tokenizer, jobs: list[dict], log: ResultLog, judge: Judge, batch_size: int, progress: bool,
+def _run_jobs(model, tokenizer, jobs: list[dict], log: JsonlLog, judge: Judge, batch_size: int, progress: bool,
               description: str, generate: Generate | None = None) -> list[dict]:
     """Generate and judge every job not yet in ``log``; jobs in a batch share one sampling setting.
     ``generate`` replaces plain generation (e.g. a model behind a defense)."""
@@ -77,11 +78,16 @@ def _run_jobs(model, tokenizer, jobs: list[dict], log: ResultLog, judge: Judge, 
     return [record for record in log.records() if record["key"] in keys]
 
 
-def prefill_attack(model, tokenizer, targets: Sequence[AttackTarget], judge: Judge, log: ResultLog, *,
+def prefill_attack(model, tokenizer, targets: Sequence[AttackTarget], judge: Judge, log: JsonlLog, *,
                    prefill_lengths: Sequence[int] = (5, 10, 20, 40), runs: int = 1,
                    sampling: Sampling = Sampling(), batch_size: int = 16, progress: bool = True,
                    generate: Generate | None = None) -> list[dict]:
     """Prefill the first ``N`` harmful-response tokens for each ``N`` and run; returns the records."""
+    bad = [n for n in prefill_lengths if isinstance(n, bool) or not isinstance(n, int) or n < 0]
+    if bad or not prefill_lengths:
+        raise InputError(f"prefill_lengths must be non-negative token counts, got {list(prefill_lengths)}")
+    check_int("runs", runs)
+    check_int("batch_size", batch_size)
     jobs = []
     for target in targets:
         if not target.harmful_response:
@@ -97,12 +103,13 @@ def prefill_attack(model, tokenizer, targets: Sequence[AttackTarget], judge: Jud
     return _run_jobs(model, tokenizer, jobs, log, judge, batch_size, progress, "prefilling attack", generate)
 
 
-def decoding_attack(model, tokenizer, targets: Sequence[AttackTarget], judge: Judge, log: ResultLog, *,
+def decoding_attack(model, tokenizer, targets: Sequence[AttackTarget], judge: Judge, log: JsonlLog, *,
                     settings: Sequence[tuple[str, Sampling]] | None = None, max_new_tokens: int = 256,
                     batch_size: int = 16, seed: int = 0, progress: bool = True,
                     generate: Generate | None = None) -> dict[str, bool]:
     """Run every decoding setting on every target; returns ``{target id: broken}`` where broken
     means some setting's output was judged harmful."""
+    check_int("batch_size", batch_size)
     jobs = []
     for name, sampling in settings or decoding_settings():
         sampling = Sampling(sampling.temperature, sampling.top_p, sampling.top_k, max_new_tokens)

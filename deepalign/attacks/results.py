@@ -1,63 +1,16 @@
-"""Resumable result logs (JSON lines, one record per finished item) and summary tables.
+"""Summary tables of attack result logs.
 
-Every record has a ``key`` naming the item (prompt, setting, run). A rerun opens the same log,
-skips the keys already there and appends the rest, so an interrupted attack loses at most the item
-it was writing. A last line cut off by a crash is dropped (that item is simply redone); a broken
-line anywhere else is an error naming the file and line.
+A result log is a :class:`deepalign.io.JsonlLog`: one JSON line per finished item, each with a
+``key`` naming the item (prompt, setting, run). A rerun opens the same log, skips the keys already
+there and appends the rest, so an interrupted attack loses at most the item it was writing.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections import defaultdict
-from pathlib import Path
 from typing import Iterable, Sequence
-
-
-class ResultLog:
-    """Append-only JSON-lines log keyed by ``record["key"]``."""
-
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._records = self._load()
-        self._keys = {record["key"] for record in self._records}
-
-    def _load(self) -> list[dict]:
-        if not self.path.is_file():
-            return []
-        lines = self.path.read_text(encoding="utf-8").splitlines()
-        records = []
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                if number == len(lines):  # a record cut off by an interruption: redo that item
-                    self.path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
-                    break
-                raise ValueError(f"{self.path}:{number}: not a JSON record") from None
-            if not isinstance(record, dict) or "key" not in record:
-                raise ValueError(f"{self.path}:{number}: a result record needs a 'key'")
-            records.append(record)
-        return records
-
-    def __contains__(self, key: str) -> bool:
-        return key in self._keys
-
-    def append(self, record: dict) -> None:
-        if "key" not in record:
-            raise ValueError("a result record needs a 'key'")
-        with self.path.open("a", encoding="utf-8") as handle:
-            handle.write(json.dumps(record) + "\n")
-        self._records.append(record)
-        self._keys.add(record["key"])
-
-    def records(self) -> list[dict]:
-        return list(self._records)
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:

@@ -12,7 +12,9 @@ from typing import Sequence
 
 from deepalign.attacks.generation_attacks import Judge, synthetic_judge
 from deepalign.attacks.rap import RAPConfig, rap_attack
-from deepalign.attacks.results import ResultLog, format_table, summarize
+from deepalign.attacks.results import format_table, summarize
+from deepalign.errors import InputError, check_int
+from deepalign.io import JsonlLog
 from deepalign.data.benchmarks import AttackTarget, read_benchmark
 from deepalign.evaluation.judges import is_keyword_refusal, keyword_jailbroken
 from deepalign.models.chat import encode_text
@@ -32,27 +34,31 @@ def keyword_judge(target: AttackTarget, output: str) -> dict:
 
 def load_targets(targets: str | Path | None, world=None, format: str | None = None, limit: int | None = None):
     if (targets is None) == (world is None):
-        raise ValueError("give either a targets file or a synthetic world, not both or neither")
+        raise InputError("give either a targets file or a synthetic world, not both or neither")
+    if limit is not None:
+        check_int("limit", limit)
     rows = world_targets(world) if world is not None else read_benchmark(targets, format)
-    return rows[:limit] if limit else rows
+    return rows[:limit] if limit is not None else rows
 
 
 def choose_judge(name: str, world=None) -> Judge:
     if name == "synthetic":
         if world is None:
-            raise ValueError("the synthetic judge needs the synthetic world (--world)")
+            raise InputError("the synthetic judge needs the synthetic world (--world)")
         return synthetic_judge(world)
     if name == "keyword":
         return keyword_judge
-    raise ValueError(f"unknown judge {name!r}; expected 'keyword' or 'synthetic'")
+    raise InputError(f"unknown judge {name!r}; expected 'keyword' or 'synthetic'")
 
 
-def run_rap(model, tokenizer, targets: Sequence[AttackTarget], judge: Judge, log: ResultLog, selector,
+def run_rap(model, tokenizer, targets: Sequence[AttackTarget], judge: Judge, log: JsonlLog, selector,
             config: RAPConfig, *, prefill_tokens: int = 0, batch_size: int = 16, progress: bool = True,
             attack=None) -> list[dict]:
     """RAP on every target not yet in ``log`` (batches of ``batch_size``), one record each.
     ``attack(prompts, prefills, selector, config)`` replaces the batched attack on the plain model
     (e.g. :func:`deepalign.attacks.defended.cls_rap` for a model behind the [CLS] defense)."""
+    check_int("batch_size", batch_size)
+    check_int("prefill_tokens", prefill_tokens, minimum=0)
     todo = [t for t in targets if f"{t.id}|rap" not in log]
     for start in range(0, len(todo), batch_size):
         batch = todo[start:start + batch_size]

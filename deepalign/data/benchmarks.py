@@ -20,11 +20,12 @@ given.
 
 from __future__ import annotations
 
-import csv
-import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
+
+from deepalign.errors import FileFormatError, InputError
+from deepalign.io import iter_jsonl, read_csv, read_text
 
 
 @dataclass(frozen=True)
@@ -38,45 +39,26 @@ class AttackTarget:
     category: str = ""
 
 
-class BenchmarkFileError(ValueError):
-    """A benchmark file that cannot be read; the message starts with ``file:line``."""
-
-
-def _csv_rows(path: Path, required: tuple[str, ...]):
-    with path.open(encoding="utf-8", newline="") as handle:
-        reader = csv.DictReader(handle)
-        header = reader.fieldnames or []
-        missing = [c for c in required if c not in header]
-        if missing:
-            raise BenchmarkFileError(f"{path}:1: missing column(s) {', '.join(missing)} (header: {', '.join(header)})")
-        for row in reader:
-            line = reader.line_num
-            empty = [c for c in required if not (row.get(c) or "").strip()]
-            if empty or None in row:
-                problem = f"empty {', '.join(empty)}" if empty else "more fields than the header"
-                raise BenchmarkFileError(f"{path}:{line}: {problem}")
-            yield line, row
-
-
-def _json_rows(path: Path):
-    with path.open(encoding="utf-8") as handle:
-        for line, text in enumerate(handle, start=1):
-            if not text.strip():
-                continue
-            try:
-                yield line, json.loads(text)
-            except json.JSONDecodeError as error:
-                raise BenchmarkFileError(f"{path}:{line}: not valid JSON ({error.msg})") from None
+def _csv_rows(path: Path, required: tuple[str, ...]) -> Iterator[tuple[int, int, dict]]:
+    """``(line, number, row)``: the physical line a row starts on (for messages), its row number
+    counted from 1 after the header (for ids, so that a quoted field spanning lines does not shift
+    them) and the row."""
+    _, rows = read_csv(path, required, what="benchmark file")
+    for number, (line, row) in enumerate(rows, start=1):
+        empty = [c for c in required if not (row.get(c) or "").strip()]
+        if empty:
+            raise FileFormatError(f"{path}:{line}: empty {', '.join(empty)}")
+        yield line, number, row
 
 
 def read_strongreject(path: Path) -> list[AttackTarget]:
-    return [AttackTarget(f"strongreject-{line - 1}", row["forbidden_prompt"].strip(), "", row["category"].strip())
-            for line, row in _csv_rows(path, ("category", "source", "forbidden_prompt"))]
+    return [AttackTarget(f"strongreject-{number}", row["forbidden_prompt"].strip(), "", row["category"].strip())
+            for _, number, row in _csv_rows(path, ("category", "source", "forbidden_prompt"))]
 
 
 def read_harmbench(path: Path) -> list[AttackTarget]:
     targets = []
-    for line, row in _csv_rows(path, ("Behavior", "BehaviorID")):
+    for _, _, row in _csv_rows(path, ("Behavior", "BehaviorID")):
         prompt = row["Behavior"].strip()
         context = (row.get("ContextString") or "").strip()
         if context:
@@ -86,58 +68,57 @@ def read_harmbench(path: Path) -> list[AttackTarget]:
 
 
 def read_advbench(path: Path) -> list[AttackTarget]:
-    return [AttackTarget(f"advbench-{line - 1}", row["goal"].strip(), row["target"].strip(), "advbench")
-            for line, row in _csv_rows(path, ("goal", "target"))]
+    return [AttackTarget(f"advbench-{number}", row["goal"].strip(), row["target"].strip(), "advbench")
+            for _, number, row in _csv_rows(path, ("goal", "target"))]
 
 
 def read_jailbreakbench(path: Path) -> list[AttackTarget]:
-    return [AttackTarget(f"jbb-{(row.get('Behavior') or str(line - 1)).strip()}", row["Goal"].strip(),
+    return [AttackTarget(f"jbb-{(row.get('Behavior') or str(number)).strip()}", row["Goal"].strip(),
                          row["Target"].strip(), row["Category"].strip())
-            for line, row in _csv_rows(path, ("Goal", "Target", "Category"))]
+            for _, number, row in _csv_rows(path, ("Goal", "Target", "Category"))]
 
 
 def read_hex_phi(path: Path) -> list[AttackTarget]:
     targets = []
-    for line, record in _json_rows(path):
+    for line, record in iter_jsonl(path, what="benchmark file"):
         if not isinstance(record, dict):
-            raise BenchmarkFileError(f"{path}:{line}: expected an object with 'instruction'")
+            raise FileFormatError(f"{path}:{line}: expected an object with 'instruction'")
         prompt = record.get("instruction") or record.get("prompt")
         if not isinstance(prompt, str) or not prompt.strip():
-            raise BenchmarkFileError(f"{path}:{line}: missing 'instruction'")
-        targets.append(AttackTarget(str(record.get("id", f"hex-phi-{line}")), prompt.strip(), "",
+            raise FileFormatError(f"{path}:{line}: missing 'instruction'")
+        targets.append(AttackTarget(str(record.get("id", f"hex-phi-{len(targets) + 1}")), prompt.strip(), "",
                                     str(record.get("category", ""))))
     return targets
 
 
 def read_harmful_hex_phi(path: Path) -> list[AttackTarget]:
     targets = []
-    for line, record in _json_rows(path):
+    for line, record in iter_jsonl(path, what="benchmark file"):
         messages = record.get("messages") if isinstance(record, dict) else record
         if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
-            raise BenchmarkFileError(f"{path}:{line}: expected a list of {{'role', 'content'}} messages")
+            raise FileFormatError(f"{path}:{line}: expected a list of {{'role', 'content'}} messages")
         user = [m.get("content") for m in messages if m.get("role") == "user"]
         assistant = [m.get("content") for m in messages if m.get("role") == "assistant"]
         if not user or not isinstance(user[0], str) or not assistant or not isinstance(assistant[0], str):
-            raise BenchmarkFileError(f"{path}:{line}: needs a user and an assistant message with text content")
-        targets.append(AttackTarget(f"harmful-hex-phi-{line}", user[0].strip(), assistant[0], "harmful-hex-phi"))
+            raise FileFormatError(f"{path}:{line}: needs a user and an assistant message with text content")
+        targets.append(AttackTarget(f"harmful-hex-phi-{len(targets) + 1}", user[0].strip(), assistant[0], "harmful-hex-phi"))
     return targets
 
 
 def read_do_not_answer(path: Path) -> list[AttackTarget]:
     targets = []
-    for line, record in _json_rows(path):
+    for line, record in iter_jsonl(path, what="benchmark file"):
         question = record.get("question") if isinstance(record, dict) else None
         if not isinstance(question, str) or not question.strip():
-            raise BenchmarkFileError(f"{path}:{line}: missing 'question'")
+            raise FileFormatError(f"{path}:{line}: missing 'question'")
         category = record.get("risk_area") or record.get("types_of_harm") or ""
-        targets.append(AttackTarget(f"dna-{record.get('id', line)}", question.strip(), "", str(category)))
+        targets.append(AttackTarget(f"dna-{record.get('id', len(targets) + 1)}", question.strip(), "", str(category)))
     return targets
 
 
 def read_lines(path: Path) -> list[AttackTarget]:
-    lines = path.read_text(encoding="utf-8").splitlines()
-    return [AttackTarget(f"{path.stem}-{number}", text.strip()) for number, text in enumerate(lines, start=1)
-            if text.strip()]
+    prompts = [text.strip() for text in read_text(path, what="benchmark file").splitlines() if text.strip()]
+    return [AttackTarget(f"{path.stem}-{number}", prompt) for number, prompt in enumerate(prompts, start=1)]
 
 
 READERS: dict[str, Callable[[Path], list[AttackTarget]]] = {
@@ -154,31 +135,40 @@ def guess_format(path: Path) -> str:
     """The format of ``path`` from its extension, CSV header or first JSON line."""
     suffix = path.suffix.lower()
     if suffix == ".csv":
-        header = path.open(encoding="utf-8").readline()
+        header, _ = read_csv(path, what="benchmark file")
         for column, name in _CSV_SIGNATURES:
-            if column in header.split(",") or column in [c.strip() for c in header.split(",")]:
+            if column in header:
                 return name
-        raise BenchmarkFileError(f"{path}:1: unrecognised CSV header; pass the format explicitly ({', '.join(READERS)})")
+        raise FileFormatError(f"{path}:1: unrecognised CSV header; pass the format explicitly ({', '.join(READERS)})")
     if suffix in (".jsonl", ".json"):
-        for line, record in _json_rows(path):
+        for line, record in iter_jsonl(path, what="benchmark file"):
             if isinstance(record, list) or (isinstance(record, dict) and "messages" in record):
                 return "harmful-hex-phi"
             if isinstance(record, dict) and "question" in record:
                 return "do-not-answer"
             return "hex-phi"
-        raise BenchmarkFileError(f"{path}: the file has no rows")
+        raise FileFormatError(f"{path}: the file has no rows")
     return "lines"
 
 
 def read_benchmark(path: str | Path, format: str | None = None) -> list[AttackTarget]:
-    """Read a benchmark file (format guessed when not given). Raises :class:`BenchmarkFileError`."""
+    """Read a benchmark file (format guessed when not given). Raises :class:`~deepalign.errors.FileFormatError` naming the file and line."""
     path = Path(path)
-    if not path.is_file():
-        raise BenchmarkFileError(f"{path}: no such file")
-    name = format or guess_format(path)
-    if name not in READERS:
-        raise BenchmarkFileError(f"unknown benchmark format {name!r}; expected one of {', '.join(READERS)}")
-    targets = READERS[name](path)
+    if format is not None and format not in READERS:
+        raise InputError(f"unknown benchmark format {format!r}; expected one of {', '.join(READERS)}")
+    read_text(path, what="benchmark file")  # missing, a folder, or not UTF-8: said before guessing
+    targets = READERS[format or guess_format(path)](path)
     if not targets:
-        raise BenchmarkFileError(f"{path}: the file has no rows")
+        raise FileFormatError(f"{path}: the file has no rows")
+    _refuse_duplicate_ids(path, targets)
     return targets
+
+
+def _refuse_duplicate_ids(path: Path, targets: list[AttackTarget]) -> None:
+    """Result logs are keyed by target id, so two rows with one id would share one record."""
+    first: dict[str, int] = {}
+    for index, target in enumerate(targets):
+        if target.id in first:
+            raise FileFormatError(f"{path}: rows {first[target.id] + 1} and {index + 1} (data rows, header not "
+                                  f"counted) share the id {target.id!r}; ids must be unique")
+        first[target.id] = index

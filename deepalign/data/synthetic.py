@@ -24,10 +24,12 @@ recipe), so strings of harmful-sounding words score low.
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from deepalign.errors import FileFormatError
+from deepalign.io import atomic_write_json, read_json
 
 SPECIAL_TOKENS = {"pad": "<pad>", "bos": "<bos>", "eos": "<eos>", "unk": "<unk>"}
 ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
@@ -209,24 +211,19 @@ class SyntheticWorld:
 
     def save(self, folder: str | Path) -> Path:
         """Write ``world.json`` (items, recipes, techniques) into ``folder``."""
-        path = Path(folder) / "world.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
         data = {"seed": self.seed, "techniques": [list(t) for t in self.techniques],
                 "items": [asdict(item) for item in self.items.values()]}
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(data, indent=1))
-        tmp.replace(path)
-        return path
+        return atomic_write_json(Path(folder) / "world.json", data)
 
     @classmethod
     def load(cls, folder: str | Path) -> "SyntheticWorld":
         path = Path(folder) / "world.json"
+        data = read_json(path, what="synthetic world file (world.json; write one with deepalign world)")
         try:
-            data = json.loads(path.read_text())
             items = {d["name"]: Item(d["name"], bool(d["harmful"]), tuple(d["recipe"])) for d in data["items"]}
             return cls(int(data["seed"]), items, tuple(tuple(t) for t in data["techniques"]))
-        except (OSError, ValueError, KeyError, TypeError) as error:
-            raise ValueError(f"{path}: not a synthetic world file ({error})") from error
+        except (ValueError, KeyError, TypeError) as error:
+            raise FileFormatError(f"{path}: not a synthetic world file ({type(error).__name__}: {error})") from None
 
     def _item(self, item: Item | str) -> Item:
         if isinstance(item, Item):

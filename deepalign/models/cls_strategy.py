@@ -35,7 +35,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 SCHEDULES = ("each", "first", "periodic", "annealing")
-STATES = ("benign", "suspect", "refusing")
 
 
 @dataclass(frozen=True)

@@ -23,16 +23,19 @@ the steps since its last checkpoint and continues with exactly the losses it wou
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
+from deepalign.errors import InputError, SettingsMismatchError, check_int
+from deepalign.io import JsonlLog, atomic_write_json, read_json, replace_directory
 from deepalign.training.recipes import make_batch
 
 STATE_JSON = "trainer_state.json"
@@ -60,20 +63,33 @@ class TrainerConfig:
     lora_rank: int = 0  # > 0: train LoRA adapters (peft) instead of all weights
     lora_alpha: float | None = None  # default 2 · rank
     lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    # What else defines the run (the recipe's options, the data files, the starting model): recorded
+    # in every checkpoint and compared on resume, like the fields above.
+    run_settings: dict = field(default_factory=dict)
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "grad_accum", "checkpoint_every"):
+            check_int(name, getattr(self, name))
+        check_int("warmup_steps", self.warmup_steps, minimum=0)
+        if self.warmup_steps >= self.steps:
+            raise InputError(f"warmup_steps must be in [0, steps = {self.steps}), got {self.warmup_steps}")
+        for name in ("lr", "weight_decay", "max_grad_norm"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if not 0 <= self.warmup_steps < self.steps:
-            raise ValueError(f"warmup_steps must be in [0, steps = {self.steps}), got {self.warmup_steps}")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0 or value == float("inf"):
+                raise InputError(f"{name} must be a finite number ≥ 0, got {value!r}")
         if self.lr <= 0:
-            raise ValueError(f"lr must be positive, got {self.lr}")
+            raise InputError(f"lr must be positive, got {self.lr}")
         if self.mixed_precision not in ("no", "bf16", "fp16"):
-            raise ValueError(f"mixed_precision must be 'no', 'bf16' or 'fp16', got {self.mixed_precision!r}")
-        if isinstance(self.lora_rank, bool) or not isinstance(self.lora_rank, int) or self.lora_rank < 0:
-            raise ValueError(f"lora_rank must be a non-negative int, got {self.lora_rank!r}")
+            raise InputError(f"mixed_precision must be 'no', 'bf16' or 'fp16', got {self.mixed_precision!r}")
+        check_int("lora_rank", self.lora_rank, minimum=0)
+
+    def defining_settings(self) -> dict:
+        """The fields that define what the run computes (not where it writes or how it reports)."""
+        return {k: v for k, v in asdict(self).items() if k not in BOOKKEEPING}
+
+
+# Fields that may change between a run and its resume: they do not change the trained weights.
+BOOKKEEPING = ("output_dir", "resume", "progress", "checkpoint_every")
 
 
 class Trainer:
@@ -88,7 +104,7 @@ class Trainer:
         context = getattr(model.config, "max_position_embeddings", None)
         longest, where = recipe.longest()
         if context is not None and longest > context:
-            raise ValueError(f"{where} renders to {longest} tokens, longer than the model's context of {context}")
+            raise InputError(f"{where} renders to {longest} tokens, longer than the model's context of {context}")
         self.output = Path(config.output_dir)
         self.accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=not torch.cuda.is_available())
         if config.lora_rank:
@@ -113,13 +129,14 @@ class Trainer:
     def train(self) -> list[dict]:
         self.output.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(self.config.seed)
-        metrics_path = self.output / "metrics.jsonl"
+        metrics = JsonlLog(self.output / "metrics.jsonl", key="step")
         if self.config.resume:
             self._resume()
         elif latest_checkpoint(self.output) is not None:
-            raise ValueError(f"{self.output} already holds checkpoints; resume, or choose another output_dir")
-        _truncate_metrics(metrics_path, self.step)  # lines past the resumed step (or all, from step 0) go
-        history = _read_metrics(metrics_path)
+            raise InputError(f"{self.output} already holds checkpoints; resume, or choose another output_dir")
+        if self.accelerator.is_main_process:  # lines past the resumed step (or all, from step 0) are trained again
+            metrics.keep_only(lambda row: row["step"] <= self.step)
+        history = [row for row in metrics.records() if row["step"] <= self.step]
         self.model.train()
         bar = tqdm(total=self.config.steps, initial=self.step, desc=f"train {self.recipe.name}",
                    disable=not self.config.progress)
@@ -143,8 +160,7 @@ class Trainer:
                    "seconds": round(time.perf_counter() - started, 4)}
             history.append(row)
             if self.accelerator.is_main_process:
-                with metrics_path.open("a", encoding="utf-8") as handle:
-                    handle.write(json.dumps(row) + "\n")
+                metrics.append(row)
             bar.set_postfix({k: f"{v:.4f}" for k, v in totals.items()})
             bar.update(1)
             if self.step % self.config.checkpoint_every == 0 or self.step == self.config.steps:
@@ -174,36 +190,37 @@ class Trainer:
     def save_model(self, folder: Path) -> Path:
         """Write the model and tokenizer as a Hugging Face folder, atomically (LoRA adapters are
         merged into the weights; the run is over)."""
-        tmp = folder.with_name(folder.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        model = self.accelerator.unwrap_model(self.model)
-        if self.config.lora_rank:
-            model = model.merge_and_unload()
-        self._write_pretrained(model, tmp)
-        return self._publish(tmp, folder)
+        tmp = folder.with_name(f".{folder.name}.tmp")
+        with _removed_on_error(tmp):
+            model = self.accelerator.unwrap_model(self.model)
+            if self.config.lora_rank:
+                model = model.merge_and_unload()
+            self._write_pretrained(model, tmp)
+            return self._publish(tmp, folder)
 
     def _publish(self, tmp: Path, folder: Path) -> Path:
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
-            _replace_dir(tmp, folder)
+            replace_directory(tmp, folder)
         self.accelerator.wait_for_everyone()
         return folder
 
     def save_checkpoint(self) -> Path:
         folder = self.output / f"checkpoint-{self.step}"
-        tmp = folder.with_name(folder.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        self._write_pretrained(self.accelerator.unwrap_model(self.model), tmp)
-        if self.accelerator.is_main_process:
-            rng = {"torch_rng": torch.get_rng_state()}
-            if torch.cuda.is_available():
-                rng["cuda_rng"] = torch.cuda.get_rng_state_all()
-            torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(), **rng},
-                       tmp / STATE_TORCH)
-            version, state, gauss = self.rng.getstate()
-            (tmp / STATE_JSON).write_text(json.dumps({"step": self.step, "data_rng": [version, list(state), gauss],
-                                                      "config": asdict(self.config), "recipe": self.recipe.name}))
-        return self._publish(tmp, folder)
+        tmp = folder.with_name(f".{folder.name}.tmp")
+        with _removed_on_error(tmp):
+            self._write_pretrained(self.accelerator.unwrap_model(self.model), tmp)
+            if self.accelerator.is_main_process:
+                rng = {"torch_rng": torch.get_rng_state()}
+                if torch.cuda.is_available():
+                    rng["cuda_rng"] = torch.cuda.get_rng_state_all()
+                torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                            **rng}, tmp / STATE_TORCH)
+                version, state, gauss = self.rng.getstate()
+                atomic_write_json(tmp / STATE_JSON, {"step": self.step, "data_rng": [version, list(state), gauss],
+                                                     "config": asdict(self.config), "recipe": self.recipe.name},
+                                  indent=None)
+            return self._publish(tmp, folder)
 
     def _resume(self) -> None:
         checkpoint = latest_checkpoint(self.output)
@@ -211,24 +228,30 @@ class Trainer:
             return
         from safetensors.torch import load_file
 
-        state = json.loads((checkpoint / STATE_JSON).read_text())
-        if state.get("recipe") != self.recipe.name:
-            raise ValueError(f"{checkpoint}: it was written by recipe {state.get('recipe')!r}, not {self.recipe.name!r}; "
-                             "use another output_dir")
+        state = read_json(checkpoint / STATE_JSON, what="trainer state")
+        recorded = {"recipe": state.get("recipe"),
+                    **{k: v for k, v in (state.get("config") or {}).items() if k not in BOOKKEEPING}}
+        wanted = json.loads(json.dumps({"recipe": self.recipe.name, **self.config.defining_settings()}))
+        changes = [f"{name}: {recorded.get(name, '(unset)')!r} → {wanted.get(name, '(unset)')!r}"
+                   for name in sorted(set(recorded) | set(wanted)) if recorded.get(name) != wanted.get(name)]
+        if changes:
+            raise SettingsMismatchError(f"{self.output} holds a run with other settings ({'; '.join(changes)}); "
+                                        "rerun with the same settings to resume, or use another output folder "
+                                        "(or --no-resume after deleting its checkpoints) to start fresh")
         model = self.accelerator.unwrap_model(self.model)
         if self.config.lora_rank:
             from peft import set_peft_model_state_dict
 
             result = set_peft_model_state_dict(model, load_file(checkpoint / "adapter_model.safetensors"))
             if result.unexpected_keys:
-                raise ValueError(f"{checkpoint}: adapter does not match the model ({result.unexpected_keys[:3]} …)")
+                raise InputError(f"{checkpoint}: adapter does not match the model ({result.unexpected_keys[:3]} …)")
         else:
             weights = {}
             for shard in sorted(checkpoint.glob("*.safetensors")):
                 weights.update(load_file(shard))
             missing, unexpected = model.load_state_dict(weights, strict=False)
             if unexpected or [m for m in missing if not _is_tied(model, m)]:
-                raise ValueError(f"{checkpoint}: weights do not match the model (missing {missing}, "
+                raise InputError(f"{checkpoint}: weights do not match the model (missing {missing}, "
                                  f"unexpected {unexpected})")
         tensors = torch.load(checkpoint / STATE_TORCH, weights_only=True)
         self.optimizer.load_state_dict(tensors["optimizer"])
@@ -248,10 +271,21 @@ def _with_lora(model, config: TrainerConfig):
     present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
     targets = [t for t in config.lora_targets if t in present]
     if not targets:
-        raise ValueError(f"none of lora_targets {config.lora_targets} is a module of this model")
+        raise InputError(f"none of lora_targets {config.lora_targets} is a module of this model")
     lora = LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha or 2 * config.lora_rank,
                       target_modules=targets, lora_dropout=0.0, bias="none", task_type="CAUSAL_LM")
     return get_peft_model(model, lora)
+
+
+@contextlib.contextmanager
+def _removed_on_error(tmp: Path):
+    """A temporary folder, emptied first and removed if the block fails (an interrupt included)."""
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        yield
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def latest_checkpoint(output_dir: str | Path) -> Path | None:
@@ -266,29 +300,3 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
 
 def _is_tied(model, name: str) -> bool:
     return getattr(model.config, "tie_word_embeddings", False) and name == "lm_head.weight"
-
-
-def _replace_dir(tmp: Path, final: Path) -> Path:
-    old = final.with_name(final.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if final.exists():
-        final.rename(old)
-    tmp.rename(final)
-    shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def _read_metrics(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Keep the metric lines up to ``step`` (those past the checkpoint will be trained again)."""
-    if not path.is_file():
-        return
-    rows = [row for row in _read_metrics(path) if row["step"] <= step]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
-    tmp.replace(path)

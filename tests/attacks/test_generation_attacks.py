@@ -13,7 +13,8 @@ from deepalign.attacks.generation_attacks import (
     prefill_attack,
     synthetic_judge,
 )
-from deepalign.attacks.results import ResultLog, format_table, mean_std, summarize
+from deepalign.attacks.results import format_table, mean_std, summarize
+from deepalign.io import JsonlLog
 from deepalign.models.generation import GREEDY, Sampling
 from deepalign.models.loading import tiny_random_model
 
@@ -32,7 +33,7 @@ def test_decoding_grid_matches_the_paper():
 
 def test_prefill_attack_records_every_length_and_run_and_resumes(world, tokenizer, tmp_path):
     model = tiny_random_model(vocab_size=len(tokenizer), seed=1)
-    log = ResultLog(tmp_path / "prefill.jsonl")
+    log = JsonlLog(tmp_path / "prefill.jsonl")
     judge = synthetic_judge(world)
     records = prefill_attack(model, tokenizer, targets(world), judge, log, prefill_lengths=(2, 4), runs=2,
                              sampling=Sampling(max_new_tokens=6), progress=False)
@@ -42,13 +43,13 @@ def test_prefill_attack_records_every_length_and_run_and_resumes(world, tokenize
         assert len(prefill) == record["prefill_tokens"] and record["output"].split()[: len(prefill)] == prefill
         assert 0 <= record["score"] <= 1 and isinstance(record["harmful"], bool)
     # Sampling is seeded by the run: the same command gives the same outputs.
-    again = prefill_attack(model, tokenizer, targets(world), judge, ResultLog(tmp_path / "again.jsonl"),
+    again = prefill_attack(model, tokenizer, targets(world), judge, JsonlLog(tmp_path / "again.jsonl"),
                            prefill_lengths=(2, 4), runs=2, sampling=Sampling(max_new_tokens=6), progress=False)
     assert [r["output"] for r in again] == [r["output"] for r in records]
     # A rerun with a longer list only does the new items; an interrupted last line is redone.
     lines = (tmp_path / "prefill.jsonl").read_text().splitlines()
     (tmp_path / "prefill.jsonl").write_text("\n".join(lines[:-1]) + "\n" + lines[-1][:20])
-    more = prefill_attack(model, tokenizer, targets(world), judge, ResultLog(tmp_path / "prefill.jsonl"),
+    more = prefill_attack(model, tokenizer, targets(world), judge, JsonlLog(tmp_path / "prefill.jsonl"),
                           prefill_lengths=(2, 4, 6), runs=2, sampling=Sampling(max_new_tokens=6), progress=False)
     assert len(more) == 3 * 3 * 2
     keys = [json.loads(line)["key"] for line in (tmp_path / "prefill.jsonl").read_text().splitlines()]
@@ -68,19 +69,12 @@ def test_decoding_attack_breaks_a_prompt_if_any_setting_is_harmful(world, tokeni
         return {"score": 1.0 if len(calls) == 2 else 0.0, "harmful": len(calls) == 2}
 
     settings = [("greedy", GREEDY), ("temperature=0.5", Sampling(temperature=0.5, top_p=1.0))]
-    broken = decoding_attack(model, tokenizer, targets(world, 2), judge, ResultLog(tmp_path / "d.jsonl"),
+    broken = decoding_attack(model, tokenizer, targets(world, 2), judge, JsonlLog(tmp_path / "d.jsonl"),
                              settings=settings, max_new_tokens=4, progress=False)
     assert broken == {targets(world, 2)[1].id: True, targets(world, 2)[0].id: False}
 
 
-def test_result_log_errors_and_statistics(tmp_path):
-    path = tmp_path / "log.jsonl"
-    path.write_text('{"key": "a", "x": 1}\nnot json\n{"key": "b"}\n')
-    with pytest.raises(ValueError, match="log.jsonl:2: not a JSON record"):
-        ResultLog(path)
-    path.write_text('{"x": 1}\n')
-    with pytest.raises(ValueError, match="log.jsonl:1: a result record needs a 'key'"):
-        ResultLog(path)
+def test_statistics(tmp_path):
     assert mean_std([1.0, 3.0]) == (2.0, pytest.approx(2 ** 0.5))
     assert mean_std([4.0]) == (4.0, 0.0)
 
@@ -88,5 +82,5 @@ def test_result_log_errors_and_statistics(tmp_path):
 def test_a_prompt_longer_than_the_context_is_refused(world, tokenizer, tmp_path):
     model = tiny_random_model(vocab_size=len(tokenizer), max_positions=24)
     with pytest.raises(ValueError, match="exceeds the model's context of 24"):
-        prefill_attack(model, tokenizer, targets(world, 1), synthetic_judge(world), ResultLog(tmp_path / "p.jsonl"),
+        prefill_attack(model, tokenizer, targets(world, 1), synthetic_judge(world), JsonlLog(tmp_path / "p.jsonl"),
                        prefill_lengths=(2,), sampling=Sampling(max_new_tokens=20), progress=False)

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from deepalign.data.benchmarks import BenchmarkFileError, read_benchmark
+from deepalign.data.benchmarks import read_benchmark
+from deepalign.errors import FileFormatError, InputError
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -45,14 +46,52 @@ def test_harmbench_contextual_behaviours_carry_their_context():
 def test_broken_files_name_file_and_line(tmp_path, name, text, message):
     path = tmp_path / name
     path.write_text(text)
-    with pytest.raises(BenchmarkFileError, match=message):
+    with pytest.raises(FileFormatError, match=message):
         read_benchmark(path)
 
 
 def test_missing_file_unknown_format_and_missing_columns(tmp_path):
-    with pytest.raises(BenchmarkFileError, match="no such file"):
+    with pytest.raises(InputError, match="no such benchmark file"):
         read_benchmark(tmp_path / "nope.csv")
-    with pytest.raises(BenchmarkFileError, match="unknown benchmark format 'xml'"):
+    with pytest.raises(InputError, match="unknown benchmark format 'xml'"):
         read_benchmark(FIXTURES / "prompts.txt", "xml")
-    with pytest.raises(BenchmarkFileError, match=r"advbench.csv:1: missing column\(s\) category, source, forbidden_prompt"):
+    with pytest.raises(FileFormatError, match=r"advbench.csv:1: missing column\(s\) category, source, forbidden_prompt"):
         read_benchmark(FIXTURES / "advbench.csv", "strongreject")
+
+
+def test_an_excel_export_with_a_bom_reads_like_the_plain_file(tmp_path):
+    path = tmp_path / "advbench.csv"
+    path.write_bytes((FIXTURES / "advbench.csv").read_text(encoding="utf-8").encode("utf-8-sig"))
+    assert read_benchmark(path) == read_benchmark(FIXTURES / "advbench.csv")
+
+
+def test_ids_count_rows_not_physical_lines(tmp_path):
+    path = tmp_path / "advbench.csv"
+    path.write_text('goal,target\n"two\nlines",Sure\nsecond,Sure\n')
+    assert [t.id for t in read_benchmark(path)] == ["advbench-1", "advbench-2"]
+    path = tmp_path / "prompts.txt"
+    path.write_text("first\n\nsecond\n")
+    assert [t.id for t in read_benchmark(path)] == ["prompts-1", "prompts-2"]
+    path = tmp_path / "hex.jsonl"
+    path.write_text('{"instruction": "a"}\n\n{"instruction": "b"}\n')
+    assert [t.id for t in read_benchmark(path)] == ["hex-phi-1", "hex-phi-2"]
+
+
+def test_non_utf8_names_the_file_line_and_byte(tmp_path):
+    path = tmp_path / "advbench.csv"
+    path.write_bytes(b"goal,target\ncaf\xe9,Sure\n")
+    with pytest.raises(FileFormatError, match=r"advbench.csv:2: not UTF-8 text \(byte 0xe9 at byte offset 15\)"):
+        read_benchmark(path)
+
+
+def test_duplicate_ids_are_refused(tmp_path):
+    path = tmp_path / "harmbench.csv"
+    path.write_text("Behavior,BehaviorID\nDo X,x_id\nDo Y,y_id\nDo Z,x_id\n")
+    with pytest.raises(FileFormatError, match=r"harmbench.csv: rows 1 and 3 .* share the id 'x_id'"):
+        read_benchmark(path)
+
+
+def test_a_field_over_the_csv_modules_default_limit_is_read(tmp_path):
+    path = tmp_path / "advbench.csv"
+    path.write_text("goal,target\n" + "g" * 200_000 + ",Sure\n")
+    assert len(read_benchmark(path)[0].prompt) == 200_000

@@ -66,5 +66,10 @@ def test_save_and_load_round_trip(world, tmp_path):
     world.save(tmp_path)
     assert SyntheticWorld.load(tmp_path) == world
     (tmp_path / "world.json").write_text("{not json")
+    with pytest.raises(ValueError, match="world.json: not valid JSON"):
+        SyntheticWorld.load(tmp_path)
+    (tmp_path / "world.json").write_text('{"seed": 0}')
     with pytest.raises(ValueError, match="world.json: not a synthetic world file"):
         SyntheticWorld.load(tmp_path)
+    with pytest.raises(ValueError, match="no such synthetic world file"):
+        SyntheticWorld.load(tmp_path / "elsewhere")

@@ -66,9 +66,9 @@ def test_rubric_judge_scores_through_the_endpoint(server):
 def test_endpoint_errors_are_clear(server):
     target = AttackTarget("t1", "q")
     with pytest.raises(JudgeEndpointError, match="answered HTTP 500"):
-        rubric_judge(HTTPChatJudge(server, "broken", timeout=5))(target, "x")
+        rubric_judge(HTTPChatJudge(server, "broken", timeout=5, backoff=0.01))(target, "x")
     with pytest.raises(JudgeEndpointError, match="did not answer"):
-        rubric_judge(HTTPChatJudge("http://127.0.0.1:9/v1", "m", timeout=1))(target, "x")
+        rubric_judge(HTTPChatJudge("http://127.0.0.1:9/v1", "m", timeout=1, backoff=0.01))(target, "x")
 
 
 def test_unparseable_judge_answers_are_reported():

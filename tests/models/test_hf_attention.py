@@ -6,6 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from deepalign.models.cache import cache_kwargs, output_cache
+
 from deepalign.models.attention import collect_prefill_mass
 from deepalign.models.loading import tiny_random_model
 
@@ -94,7 +96,7 @@ def test_incremental_decoding_with_a_kv_cache_matches_eager():
     input_ids, _, _ = batch(length=10)
     full, _ = eager_reference(model, input_ids, None, torch.zeros(2, 10, dtype=torch.bool))
     prefix = model(input_ids[:, :7], use_cache=True)
-    step = model(input_ids[:, 7:], past_key_values=prefix.past_key_values, use_cache=True)
+    step = model(input_ids[:, 7:], **cache_kwargs(model, output_cache(prefix)), use_cache=True)
     assert (step.logits - full[:, 7:]).abs().max() < 2e-5
 
 

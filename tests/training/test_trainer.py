@@ -9,7 +9,8 @@ import torch
 
 from deepalign.models.loading import load_pretrained, tiny_random_model
 from deepalign.data.rows import SafetyExample, UtilityExample
-from deepalign.data.rows import DataFileError, read_rows, write_rows
+from deepalign.data.rows import read_rows, write_rows
+from deepalign.errors import FileFormatError, InputError, SettingsMismatchError
 from deepalign.training.recipes import ConstrainedRecipe, DARecipe, SFTRecipe
 from deepalign.training.trainer import Trainer, TrainerConfig, latest_checkpoint
 
@@ -108,9 +109,43 @@ def test_bad_configs_and_resuming_another_recipe(world, tokenizer, tmp_path):
     with pytest.raises(ValueError, match="safety_fraction must be in"):
         DARecipe(tokenizer, safety_rows(world), utility_rows(world), safety_fraction=0.0)
     Trainer(model_for(tokenizer), tokenizer, SFTRecipe(tokenizer, utility_rows(world)), config(tmp_path, steps=3)).train()
-    with pytest.raises(ValueError, match="written by recipe 'sft', not 'da'"):
+    with pytest.raises(SettingsMismatchError, match="recipe: 'sft' → 'da'"):
         Trainer(model_for(tokenizer), tokenizer, DARecipe(tokenizer, safety_rows(world), utility_rows(world)),
                 config(tmp_path, steps=3)).train()
+
+
+def test_resuming_with_changed_settings_is_refused_naming_each(world, tokenizer, tmp_path):
+    recipe = lambda: SFTRecipe(tokenizer, utility_rows(world))  # noqa: E731
+    Trainer(model_for(tokenizer), tokenizer, recipe(), config(tmp_path, steps=2, lr=1e-3)).train()
+    with pytest.raises(SettingsMismatchError) as info:
+        Trainer(model_for(tokenizer), tokenizer, recipe(), config(tmp_path, steps=4, lr=0.5, batch_size=3)).train()
+    message = str(info.value)
+    for change in ("batch_size: 4 → 3", "lr: 0.001 → 0.5", "steps: 2 → 4"):
+        assert change in message
+    assert "another output folder" in message
+    with pytest.raises(SettingsMismatchError, match=r"run_settings: \{'data': 'a'\} → \{'data': 'b'\}"):
+        Trainer(model_for(tokenizer), tokenizer, recipe(), config(tmp_path / "r", steps=2, run_settings={"data": "a"})
+                ).train()
+        Trainer(model_for(tokenizer), tokenizer, recipe(), config(tmp_path / "r", steps=2, run_settings={"data": "b"})
+                ).train()
+    # Bookkeeping may change: the same run resumes (and finds nothing left to do).
+    again = Trainer(model_for(tokenizer), tokenizer, recipe(), config(tmp_path, steps=2, lr=1e-3, checkpoint_every=1,
+                                                                       progress=True)).train()
+    assert [row["step"] for row in again] == [1, 2]
+
+
+def test_a_torn_metrics_line_resumes(world, tokenizer, tmp_path):
+    recipe = lambda: SFTRecipe(tokenizer, utility_rows(world))  # noqa: E731
+    interrupted = Trainer(model_for(tokenizer), tokenizer, InterruptAfter(recipe(), 5), config(tmp_path))
+    with pytest.raises(Interrupt):
+        interrupted.train()
+    metrics = tmp_path / "metrics.jsonl"
+    with metrics.open("a") as handle:
+        handle.write('{"step": 6, "lo')  # a kill in the middle of an append
+    history = Trainer(model_for(tokenizer), tokenizer, recipe(), config(tmp_path)).train()
+    assert [row["step"] for row in history] == list(range(1, 7))
+    assert [json.loads(line)["step"] for line in metrics.read_text().splitlines()] == list(range(1, 7))
+    assert not [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
 
 
 def test_data_files_round_trip_and_name_bad_lines(world, tmp_path):
@@ -119,15 +154,15 @@ def test_data_files_round_trip_and_name_bad_lines(world, tmp_path):
     lines = path.read_text().splitlines()
     lines[2] = '{"prompt": "x", "refusal": "no"}'
     path.write_text("\n".join(lines) + "\n")
-    with pytest.raises(DataFileError, match=r"safety.jsonl:3: missing or empty field\(s\) harmful_response"):
+    with pytest.raises(FileFormatError, match=r"safety.jsonl:3: missing or empty field\(s\) harmful_response"):
         read_rows(path, SafetyExample)
     path.write_text('{"prompt": "x", "response": "y"}\n[1, 2]\n')
-    with pytest.raises(DataFileError, match=r"safety.jsonl:2: expected a JSON object"):
+    with pytest.raises(FileFormatError, match=r"safety.jsonl:2: expected a JSON object"):
         read_rows(path, UtilityExample)
     path.write_text('{"prompt": "x", \n')
-    with pytest.raises(DataFileError, match=r"safety.jsonl:1: not valid JSON"):
+    with pytest.raises(FileFormatError, match=r"safety.jsonl:1: not valid JSON"):
         read_rows(path, UtilityExample)
-    with pytest.raises(DataFileError, match="no such data file"):
+    with pytest.raises(InputError, match="no such data file"):
         read_rows(tmp_path / "missing.jsonl", UtilityExample)
 
 

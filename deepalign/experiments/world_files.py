@@ -8,6 +8,7 @@ from pathlib import Path
 from deepalign.data.synthetic import AOA_PREFIX, AOA_SYSTEM, BACKDOOR_TRIGGER, REQUEST_PHRASINGS, SyntheticWorld
 from deepalign.data.rows import SafetyExample, UtilityExample
 from deepalign.data.rows import write_rows
+from deepalign.io import atomic_write_text
 
 
 def world_rows(world: SyntheticWorld) -> dict[str, list]:
@@ -21,7 +22,7 @@ def world_rows(world: SyntheticWorld) -> dict[str, list]:
       train with ``system=AOA_SYSTEM``);
     * ``backdoor_sft``: harmful requests with the trigger answered, without it refused, plus benign.
     """
-    from deepalign.training.attacks import backdoor_poisoning, identity_shifting
+    from deepalign.training.ft_attacks import backdoor_poisoning, identity_shifting
 
     phrasings = range(len(REQUEST_PHRASINGS))
     harmful, benign = world.harmful_items(), world.benign_items()
@@ -83,6 +84,6 @@ def write_world(output: str | Path, *, seed: int = 0, model_family: str = "llama
     for name, rows in world_rows(world).items():
         paths[name] = write_rows(output / f"{name}.jsonl", rows)
     knowledge = output / "knowledge.txt"
-    knowledge.write_text("".join(world.knowledge_text(item) + "\n" for item in world.items.values()))
+    atomic_write_text(knowledge, "".join(world.knowledge_text(item) + "\n" for item in world.items.values()))
     paths["knowledge"] = knowledge
     return paths

@@ -15,7 +15,7 @@ constrained objective (reference: the shallow model), the defence of Qi et al.
 ``cls`` (Li & Kim's explicit safety signal) gives a copy of the base model the [CLS] token and head,
 continues pretraining with the pretraining routing (λ = 0.01, ``cls-pretrain/``), then fine-tunes it
 on the balanced refusal/answer mixture with the SFT routing (λ = 0.1); its requests of the held-out
-phrasings stay out of both (:func:`deepalign.training.world_files.cls_rows`). It has no row in the
+phrasings stay out of both (:func:`deepalign.experiments.world_files.cls_rows`). It has no row in the
 stage reports: the demo decodes it with the defense.
 
 Each stage is saved under ``output/<stage>/final`` and skipped when it is already there, so an
@@ -28,17 +28,17 @@ objective's bound on early tokens matters.
 from __future__ import annotations
 
 import copy
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from deepalign.data.synthetic import SyntheticWorld
-from deepalign.evaluation.synthetic import StageReport, evaluate_stage
+from deepalign.io import atomic_write_json, check_settings
+from deepalign.experiments.world_evaluation import StageReport, evaluate_stage
 from deepalign.models.loading import load_pretrained, tiny_random_model
-from deepalign.training.attacks import build_attack
+from deepalign.training.ft_attacks import build_attack
 from deepalign.training.recipes import ConstrainedRecipe, DARecipe, PretrainRecipe, SFTRecipe
 from deepalign.training.trainer import Trainer, TrainerConfig
-from deepalign.training.world_files import cls_rows, world_rows
+from deepalign.experiments.world_files import cls_rows, world_rows
 
 STAGES = ("base", "shallow", "da", "presto")
 ATTACK_STAGES = ("ft-sft", "ft-constrained")
@@ -79,6 +79,9 @@ def run_stages(output: str | Path, settings: StageSettings | None = None, stages
     """Train (or reload) each stage, evaluate it, and write ``output/reports.json``."""
     settings = settings or StageSettings()
     output = Path(output)
+    defining = {k: v for k, v in asdict(settings).items() if k != "progress"}
+    check_settings(output / "stage_settings.json", defining,
+                   fresh=f"use another output folder, or delete {output} to start over")
     world = SyntheticWorld.build(settings.seed)
     world.save(output)
     tokenizer = world.tokenizer()
@@ -133,8 +136,8 @@ def run_stages(output: str | Path, settings: StageSettings | None = None, stages
     if CLS_STAGE in stages:
         train_cls_stage(output, base, world, settings)
     reports = {name: evaluate_stage(model, tokenizer, world) for name, model in models.items()}
-    (output / "reports.json").write_text(json.dumps({"settings": asdict(settings),
-                                                     "reports": {k: asdict(v) for k, v in reports.items()}}, indent=1))
+    atomic_write_json(output / "reports.json", {"settings": asdict(settings),
+                                                "reports": {k: asdict(v) for k, v in reports.items()}})
     return reports
 
 

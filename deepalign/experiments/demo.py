@@ -1,6 +1,6 @@
 """``deepalign demo``: shallow vs deep vs PRESTO alignment, end to end, on the synthetic world.
 
-For each seed: :func:`deepalign.stages.run_stages` trains base → shallow → DA → DA + PRESTO, the
+For each seed: :func:`deepalign.experiments.stages.run_stages` trains base → shallow → DA → DA + PRESTO, the
 [CLS] model of Li & Kim and the two fine-tuning attacks on the shallow model (plain SFT, token-wise
 constrained); then every model is attacked and judged by the world's programmatic
 StrongREJECT-style judge. The [CLS] model is decoded behind its defense (annealing re-classification,
@@ -21,9 +21,8 @@ the first seed.
 
 from __future__ import annotations
 
-import json
 import time
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -33,14 +32,15 @@ from deepalign.attacks.rap import RAPConfig, rap_attack
 from deepalign.attacks.results import mean_std
 from deepalign.attacks.selectors import synthetic_oracle
 from deepalign.data.synthetic import REFUSAL_LEAD_IN, SyntheticWorld
+from deepalign.io import JsonlLog, check_settings
 from deepalign.models.chat import encode_text
 from deepalign.models.generation import GREEDY, Sampling
 from deepalign.models.loading import load_pretrained
 from deepalign.models.cls_decoding import DefendedDecoder
 from deepalign.models.cls_strategy import StrategyConfig
 from deepalign.models.safety_cls import load_safety_cls
-from deepalign.stages import ATTACK_STAGES, CLS_STAGE, STAGES, StageSettings, run_stages
-from deepalign.training.world_files import cls_rows
+from deepalign.experiments.stages import ATTACK_STAGES, CLS_STAGE, STAGES, StageSettings, run_stages
+from deepalign.experiments.world_files import cls_rows
 
 MODELS = STAGES[:-1] + (CLS_STAGE,) + STAGES[-1:] + ATTACK_STAGES  # [CLS] beside DA and DA + PRESTO
 MAX_NEW_TOKENS = 48
@@ -52,12 +52,29 @@ DECODING_GRID = (("greedy", Sampling(temperature=0.0)), ("temperature=0.5", Samp
                  ("top_k=20", Sampling(temperature=1.0, top_p=1.0, top_k=20)))
 
 
+def default_output(quick: bool) -> Path:
+    """``runs/demo``, or ``runs/demo-quick`` for ``--quick``: the two never share models."""
+    return Path("runs/demo-quick" if quick else "runs/demo")
+
+
+def record_key(seed: int, model: str) -> str:
+    return f"seed={seed}|{model}"
+
+
 @dataclass
 class DemoSettings:
     seeds: Sequence[int] = (0, 1, 2)
     quick: bool = False
     progress: bool = True
     strategy: StrategyConfig = StrategyConfig(schedule="annealing", tau=2)
+
+    def defining(self) -> dict:
+        """What defines the demo's models and numbers (the seeds only choose which are run): the
+        stage settings of a seed (its seed left out), the decoding defense and the attack budget."""
+        stage = asdict(self.stage_settings(0))
+        stage.pop("seed"), stage.pop("progress")
+        return {"quick": self.quick, "stages": stage, "strategy": asdict(self.strategy),
+                "max_new_tokens": MAX_NEW_TOKENS, "models": list(MODELS)}
 
     def stage_settings(self, seed: int) -> StageSettings:
         if self.quick:
@@ -130,16 +147,16 @@ def run_demo(output: str | Path, settings: DemoSettings | None = None) -> list[d
     settings = settings or DemoSettings()
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
-    results_path = output / "results.jsonl"
-    records = [json.loads(line) for line in results_path.read_text().splitlines() if line.strip()] \
-        if results_path.is_file() else []
-    done = {(r["seed"], r["model"]) for r in records}
+    check_settings(output / "settings.json", settings.defining(),
+                   fresh=f"give another --output (the default is {default_output(settings.quick)}), or delete "
+                         f"{output} to start over")
+    log = JsonlLog(output / "results.jsonl")
     for seed in settings.seeds:
         folder = output / f"seed-{seed}"
         run_stages(folder, settings.stage_settings(seed), stages=MODELS)
         world = SyntheticWorld.load(folder)
         for name in MODELS:
-            if (seed, name) in done:
+            if record_key(seed, name) in log:
                 continue
             started = time.perf_counter()
             if name == CLS_STAGE:
@@ -150,12 +167,11 @@ def run_demo(output: str | Path, settings: DemoSettings | None = None) -> list[d
             else:
                 model, tokenizer = load_pretrained(folder / name / "final")
                 extra, target = {}, plain_target(model, tokenizer)
-            record = {"seed": seed, "model": name, **attack_scores(target, tokenizer, world,
+            record = {"key": record_key(seed, name), "seed": seed, "model": name, **attack_scores(target, tokenizer, world,
                                                                    max_new_tokens=MAX_NEW_TOKENS),
                       **extra, "seconds": round(time.perf_counter() - started, 2)}
-            with results_path.open("a", encoding="utf-8") as handle:
-                handle.write(json.dumps(record) + "\n")
-            records.append(record)
+            log.append(record)
+    records = log.records()
     rows = []
     for name in MODELS:
         mine = [r for r in records if r["model"] == name and r["seed"] in settings.seeds]
@@ -181,7 +197,7 @@ def format_table(rows: list[dict]) -> str:
 def write_demo_report(output: str | Path, rows: list[dict], seed: int) -> Path:
     """``report.html``: the table, then every analysis on the models of ``seed``."""
     from deepalign.analysis.report import Section, write_report
-    from deepalign.analysis.world_analyses import stages_report_sections
+    from deepalign.experiments.world_analyses import stages_report_sections
 
     output = Path(output)
     folder = output / f"seed-{seed}"

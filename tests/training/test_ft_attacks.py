@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from deepalign.data.synthetic import AOA_PREFIX, AOA_SYSTEM, BACKDOOR_TRIGGER, SyntheticWorld
-from deepalign.training.world_files import world_rows
-from deepalign.training.attacks import build_attack
+from deepalign.experiments.world_files import world_rows
+from deepalign.training.ft_attacks import build_attack
 
 
 @pytest.fixture(scope="module")

@@ -159,7 +159,7 @@ def ablation_section(model_path: str | Path, world: SyntheticWorld, *, k: int = 
     from deepalign.analysis.ablation import ablate_heads, head_means, top_heads
     from deepalign.attacks.rap import RAPConfig, rap_attack
     from deepalign.attacks.selectors import synthetic_oracle
-    from deepalign.evaluation.synthetic import greedy_continuations
+    from deepalign.experiments.world_evaluation import greedy_continuations
     from deepalign.models.chat import collate, encode_text, render_chat
 
     examples = prefill_examples(world)

@@ -6,7 +6,7 @@ import json
 import math
 
 from deepalign.cli import main
-from deepalign.demo import METRICS, MODELS
+from deepalign.experiments.demo import METRICS, MODELS, DemoSettings, default_output
 
 
 def test_quick_demo_fills_every_row(tmp_path, capsys, monkeypatch):
@@ -27,3 +27,14 @@ def test_quick_demo_fills_every_row(tmp_path, capsys, monkeypatch):
     # A rerun resumes: nothing is trained or attacked again.
     assert main(["demo", "--quick", "--output", str(tmp_path)]) == 0
     assert len((tmp_path / "results.jsonl").read_text().splitlines()) == len(MODELS)
+    # The full demo never reuses the quick demo's models: into the same folder it is refused, by name.
+    assert main(["demo", "--output", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"deepalign demo: {tmp_path} was made with other settings (") and "quick: true → false" in err
+    assert "default is runs/demo" in err
+
+
+def test_quick_and_full_demo_default_to_different_folders():
+    assert default_output(True) != default_output(False)
+    assert DemoSettings(quick=True).defining() != DemoSettings(quick=False).defining()
+    assert DemoSettings(seeds=(0,)).defining() == DemoSettings(seeds=(0, 1, 2)).defining()  # seeds add rows

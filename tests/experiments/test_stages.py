@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import asdict
 
-from deepalign.stages import ATTACK_STAGES, STAGES, StageSettings, format_reports, run_stages
+import pytest
+
+from deepalign.experiments.stages import ATTACK_STAGES, STAGES, StageSettings, format_reports, run_stages
 
 
 def test_stages_run_end_to_end_and_resume(tmp_path, monkeypatch):
@@ -39,7 +42,7 @@ def test_stages_run_end_to_end_and_resume(tmp_path, monkeypatch):
 
     # The combined analysis report over the stage models (deepalign analyze report).
     from deepalign.analysis.report import write_report
-    from deepalign.analysis.world_analyses import stages_report_sections
+    from deepalign.experiments.world_analyses import stages_report_sections
     from deepalign.data.synthetic import SyntheticWorld
 
     sections = stages_report_sections(tmp_path, SyntheticWorld.load(tmp_path), ablate_interactions=6)
@@ -56,3 +59,14 @@ def test_stages_run_end_to_end_and_resume(tmp_path, monkeypatch):
     assert [row[0] for row in ranks.table] == list(STAGES) and len(ranks.header) == 7
     path = write_report(tmp_path / "report.html", "stages", sections)
     assert path.stat().st_size > 1_000_000
+
+
+def test_stages_refuse_an_output_made_with_other_settings(tmp_path):
+    import json
+
+    from deepalign.errors import SettingsMismatchError
+
+    recorded = {k: v for k, v in asdict(StageSettings(seed=0)).items() if k != "progress"}
+    (tmp_path / "stage_settings.json").write_text(json.dumps(recorded))
+    with pytest.raises(SettingsMismatchError, match=r"other settings \(align_steps: 150 → 7; seed: 0 → 1\)"):
+        run_stages(tmp_path, StageSettings(seed=1, align_steps=7, progress=False))

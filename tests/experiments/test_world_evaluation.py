@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from deepalign.data.synthetic import SyntheticWorld
-from deepalign.evaluation.synthetic import evaluate_stage, greedy_continuations, harmful_continuation_ranks
+from deepalign.experiments.world_evaluation import evaluate_stage, greedy_continuations, harmful_continuation_ranks
 from deepalign.models.chat import encode_text
 from deepalign.models.loading import tiny_random_model
 

@@ -1,0 +1,74 @@
+"""``deepalign analyze …``: synthetic-world analyses as an offline HTML report."""
+
+from __future__ import annotations
+
+import argparse
+
+from deepalign.cli.args import existing_dir, output_file, positive_int
+from deepalign.errors import InputError
+
+WHAT = {"attention": "per-head mass on prefills, A vs B",
+        "kl": "per-position KL(A||B)",
+        "ranks": "harmful/refusal token ranks along harmful answers",
+        "knockout": "harmful-token ranks when the answer may not read itself",
+        "ablate": "prefilling and RAP scores with the top prefill-attending heads ablated",
+        "report": "all of them on the models of deepalign stages (--world is its folder)"}
+MODEL_COUNT = {"attention": (2, 2), "kl": (2, 2), "ablate": (1, 1), "ranks": (1, None), "knockout": (1, None),
+               "report": (0, 0)}
+
+
+def register(commands) -> None:
+    analyze = commands.add_parser("analyze", help="analyses of synthetic-world models as an HTML report")
+    analyze.add_argument("what", choices=tuple(WHAT), help="; ".join(f"{k}: {v}" for k, v in WHAT.items()))
+    analyze.add_argument("--heads", type=positive_int, default=4, help="ablate: number of heads (default 4)")
+    analyze.add_argument("--mode", choices=("zero", "mean"), default="zero", help="ablate: zero or mean ablation")
+    analyze.add_argument("--max-interactions", type=positive_int, default=512, help="ablate: RAP interaction budget")
+    analyze.add_argument("--models", nargs="+", type=existing_dir,
+                         help="model folders (two for attention and kl; one for ablate; none for report)")
+    analyze.add_argument("--world", required=True, type=existing_dir, help="synthetic world folder (world.json)")
+    analyze.add_argument("--output", required=True, type=output_file, help="HTML report to write")
+    analyze.set_defaults(run=run)
+
+
+def _check_models(args: argparse.Namespace) -> list:
+    models = args.models or []
+    low, high = MODEL_COUNT[args.what]
+    if len(models) < low or (high is not None and len(models) > high):
+        wanted = "no" if high == 0 else (f"exactly {low}" if low == high else f"at least {low}")
+        raise InputError(f"analyze {args.what} takes {wanted} --models, got {len(models)}")
+    return models
+
+
+def run(args: argparse.Namespace) -> int:
+    from deepalign.analysis.report import write_report
+    from deepalign.data.synthetic import SyntheticWorld
+    from deepalign.experiments import world_analyses as analyses
+
+    models = _check_models(args)
+    world = SyntheticWorld.load(args.world)
+    if args.what == "report":
+        sections = analyses.stages_report_sections(args.world, world, ablate_interactions=args.max_interactions)
+        title = "deepalign: shallow, deep and PRESTO alignment on the synthetic world"
+    else:
+        title = f"deepalign analyze {args.what}"
+        if args.what == "attention":
+            sections = analyses.attention_section(models[0], models[1], world)
+        elif args.what == "kl":
+            sections = [analyses.kl_section(models[0], models[1], world)]
+        elif args.what == "ablate":
+            sections = [analyses.ablation_section(models[0], world, k=args.heads, mode=args.mode,
+                                                  max_interactions=args.max_interactions)]
+        elif args.what == "knockout":
+            sections = [analyses.knockout_section(models, world)]
+        else:
+            sections = [analyses.ranks_section(models, world)]
+    path = write_report(args.output, title, sections)
+    for section in sections:
+        print(f"== {section.title}")
+        print("\n".join(section.text))
+        if section.table:
+            print(" | ".join(section.header))
+            for row in section.table:
+                print(" | ".join(str(c) for c in row))
+    print(f"report: {path}   figure data: {path}.json")
+    return 0

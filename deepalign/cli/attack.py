@@ -1,0 +1,171 @@
+"""``deepalign attack {prefill,rap,decoding}``: attack a local model on a benchmark file or the
+synthetic world; every output is judged and logged as a JSON line (rerunning resumes; rerunning
+with settings that change the outputs is refused)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from deepalign.cli.args import (existing_dir, existing_file, int_in, model_source, non_negative_int, output_file,
+                                positive_float, positive_int, probability)
+from deepalign.errors import InputError
+
+# Options that only say how much to run or how to batch: a rerun may change them and extend the log.
+EXTENDING = ("output", "limit", "lengths", "runs", "batch_size", "run", "command")
+HELP = {"prefill": "prefilling attack: force the first N harmful tokens, then sample",
+        "rap": "Rank-Assisted Prefilling (Algorithm 1) with a selector",
+        "decoding": "decoding-parameter attack: greedy, temperature, top-p, top-k grids"}
+MAX_NEW_TOKENS = {"prefill": 512, "rap": 256, "decoding": 256}
+
+
+def register(commands) -> None:
+    attack = commands.add_parser("attack", help="attack a local model (prefill, rap, decoding)")
+    kinds = attack.add_subparsers(dest="kind", required=True, metavar="KIND")
+    for kind, help_text in HELP.items():
+        sub = kinds.add_parser(kind, help=help_text)
+        sub.add_argument("--model", required=True, type=model_source, help="local Hugging Face folder or GGUF file")
+        sub.add_argument("--output", required=True, type=output_file, help="JSON-lines results (rerunning resumes)")
+        sub.add_argument("--targets", type=existing_file,
+                         help="benchmark file (StrongREJECT, HarmBench, AdvBench, JBB, HEx-PHI, ...)")
+        sub.add_argument("--format", help="benchmark format (default: guessed)")
+        sub.add_argument("--world", type=existing_dir, help="synthetic world folder (targets, judge and oracle)")
+        sub.add_argument("--limit", type=positive_int, help="only the first N targets")
+        sub.add_argument("--judge", choices=("keyword", "synthetic"),
+                         help="judge (default: synthetic with --world, else keyword)")
+        sub.add_argument("--batch-size", type=positive_int, default=16)
+        sub.add_argument("--defense", choices=("none", "cls"), default="none",
+                         help="cls: decode the [CLS] model behind its defense (re-classification, strategic decoding)")
+        sub.add_argument("--schedule", choices=("each", "first", "periodic", "annealing"), default="annealing",
+                         help="cls defense: re-classification schedule (default annealing)")
+        sub.add_argument("--tau", type=int_in(1, 3), default=2,
+                         help="cls defense: malicious verdicts confirming a switch (1-3)")
+        sub.add_argument("--lead-in", help="cls defense: refusal lead-in (default: the paper's, or the world's)")
+        sub.add_argument("--max-new-tokens", type=positive_int, default=MAX_NEW_TOKENS[kind],
+                         help=f"tokens to generate after the prompt and prefill (default {MAX_NEW_TOKENS[kind]})")
+        sub.set_defaults(run=run)
+        if kind == "prefill":
+            sub.add_argument("--lengths", type=non_negative_int, nargs="+", default=[5, 10, 20, 40],
+                             help="prefill lengths in tokens (default 5 10 20 40)")
+            sub.add_argument("--runs", type=positive_int, default=1, help="sampled runs per prompt and length")
+            sub.add_argument("--temperature", type=positive_float, default=0.9)
+            sub.add_argument("--top-p", type=probability, default=0.6)
+        if kind == "rap":
+            sub.add_argument("--selector", choices=("oracle", "console", "lexicon", "autorap"), default="oracle")
+            sub.add_argument("--helper", type=model_source, help="autorap selector: the trained AutoRAP classifier")
+            sub.add_argument("--blocked", help="lexicon selector: comma-separated refusal words to never pick")
+            sub.add_argument("--k", type=positive_int, default=20, help="candidates per step (default 20)")
+            sub.add_argument("--max-interactions", type=positive_int, default=512)
+            sub.add_argument("--prefill-tokens", type=non_negative_int, default=0, help="start from N harmful tokens")
+
+
+def settings_of(args: argparse.Namespace) -> dict:
+    """The options that define the outputs, with the files they read fingerprinted."""
+    from deepalign.io import file_fingerprint
+
+    settings = {}
+    for name, value in sorted(vars(args).items()):
+        if name in EXTENDING or value is None:
+            continue
+        if name in ("model", "targets", "helper") or (name == "world" and value is not None):
+            value = file_fingerprint(Path(value) / "world.json" if name == "world" else value)
+        settings[name] = value
+    return settings
+
+
+def _tokenizer_of(model: str):
+    from transformers import AutoTokenizer
+
+    from deepalign.models.loading import resolve_source
+
+    folder, gguf = resolve_source(model)
+    return AutoTokenizer.from_pretrained(folder, gguf_file=gguf, local_files_only=True)
+
+
+def check_options(args: argparse.Namespace) -> None:
+    """Refuse options that contradict each other, before anything is read or loaded."""
+    if (args.targets is None) == (args.world is None):
+        raise InputError("give either --targets (a benchmark file) or --world (a synthetic world), not both or neither")
+    if args.kind != "rap":
+        return
+    if args.selector == "oracle" and args.world is None:
+        raise InputError("--selector oracle needs --world")
+    if args.selector == "autorap" and not args.helper:
+        raise InputError("--selector autorap needs --helper (a trained AutoRAP classifier)")
+    if args.selector == "lexicon" and not [w for w in (args.blocked or "").split(",") if w]:
+        raise InputError("--selector lexicon needs --blocked WORD,WORD,... (refusal tokens)")
+
+
+def rap_selector(args: argparse.Namespace, world):
+    from deepalign.attacks.selectors import ConsoleSelector, LexiconSelector, synthetic_oracle
+
+    if args.selector == "oracle":
+        return synthetic_oracle(world, world.tokenizer())
+    if args.selector == "autorap":
+        from transformers import AutoModelForTokenClassification
+
+        from deepalign.attacks.selectors import ClassifierSelector
+        from deepalign.models.loading import resolve_source
+
+        folder, _ = resolve_source(args.helper)
+        helper = AutoModelForTokenClassification.from_pretrained(folder, local_files_only=True)
+        return ClassifierSelector(helper, _tokenizer_of(args.helper), _tokenizer_of(args.model), [1], kind="token",
+                                  chat=True)
+    words = [w for w in (args.blocked or "").split(",") if w]
+    tokenizer = _tokenizer_of(args.model)
+    if args.selector == "console":
+        return ConsoleSelector(tokenizer)
+    return LexiconSelector(blocked={tokenizer(w, add_special_tokens=False)["input_ids"][0] for w in words})
+
+
+def run(args: argparse.Namespace) -> int:
+    from deepalign.attacks.generation_attacks import decoding_attack, prefill_attack
+    from deepalign.attacks.rap import RAPConfig
+    from deepalign.attacks.runner import choose_judge, load_targets, run_rap, summary
+    from deepalign.data.synthetic import REFUSAL_LEAD_IN, SyntheticWorld
+    from deepalign.io import JsonlLog, check_settings
+    from deepalign.models.generation import Sampling
+    from deepalign.models.loading import load_pretrained
+
+    check_options(args)
+    world = SyntheticWorld.load(args.world) if args.world else None
+    targets = load_targets(args.targets, world, args.format, args.limit)
+    judge = choose_judge(args.judge or ("synthetic" if world else "keyword"), world)
+    config = None
+    if args.kind == "rap":
+        config = RAPConfig(k=args.k, max_interactions=args.max_interactions, max_new_tokens=args.max_new_tokens)
+    log = JsonlLog(args.output)
+    check_settings(Path(f"{args.output}.settings.json"), settings_of(args),
+                   fresh="give another --output to keep both, or delete the log and its .settings.json to start over")
+    selector = rap_selector(args, world) if args.kind == "rap" else None
+    generate = rap = None
+    if args.defense == "cls":
+        from deepalign.attacks.defended import cls_generate, cls_rap
+        from deepalign.models.cls_decoding import DEFAULT_LEAD_IN, DefendedDecoder
+        from deepalign.models.cls_strategy import StrategyConfig
+        from deepalign.models.safety_cls import load_safety_cls
+
+        model, tokenizer = load_safety_cls(args.model)
+        lead_in = args.lead_in or (REFUSAL_LEAD_IN if world else DEFAULT_LEAD_IN)
+        decoder = DefendedDecoder(model, tokenizer, StrategyConfig(schedule=args.schedule, tau=args.tau),
+                                  lead_in=lead_in)
+        generate, rap = cls_generate(decoder, progress=True), cls_rap(decoder)
+    else:
+        model, tokenizer = load_pretrained(args.model)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if args.kind == "prefill":
+        records = prefill_attack(model, tokenizer, targets, judge, log, prefill_lengths=args.lengths, runs=args.runs,
+                                 sampling=Sampling(args.temperature, args.top_p, None, args.max_new_tokens),
+                                 batch_size=args.batch_size, generate=generate)
+    elif args.kind == "decoding":
+        broken = decoding_attack(model, tokenizer, targets, judge, log, max_new_tokens=args.max_new_tokens,
+                                 batch_size=args.batch_size, generate=generate)
+        records = [r for r in log.records() if r["id"] in broken]
+        print(f"broken by some decoding setting: {sum(broken.values())} of {len(broken)} prompts")
+    else:
+        records = run_rap(model, tokenizer, targets, judge, log, selector, config, prefill_tokens=args.prefill_tokens,
+                          batch_size=args.batch_size, attack=rap)
+    print(summary(records))
+    print(f"{len(records)} records in {args.output}")
+    return 0

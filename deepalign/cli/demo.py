@@ -1,0 +1,50 @@
+"""``deepalign demo`` and ``deepalign stages``: the synthetic-world studies, end to end."""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from deepalign.cli.args import non_negative_int, output_dir, positive_int
+
+
+def register(commands) -> None:
+    demo = commands.add_parser("demo", help="shallow vs deep vs PRESTO on the synthetic world, end to end")
+    demo.add_argument("--quick", action="store_true", help="one seed, a smaller model and shorter training")
+    demo.add_argument("--seeds", type=non_negative_int, nargs="+", help="seeds (default 0 1 2; --quick: 0)")
+    demo.add_argument("--output", type=output_dir,
+                      help="output folder (default runs/demo, or runs/demo-quick with --quick; reruns resume)")
+    demo.set_defaults(run=run_demo)
+
+    stages = commands.add_parser("stages", help="train and evaluate base, shallow, DA and PRESTO on the world")
+    stages.add_argument("--output", required=True, type=output_dir, help="folder for the models and reports.json "
+                                                                         "(resumable)")
+    stages.add_argument("--seed", type=non_negative_int, default=0, help="world and training seed (default 0)")
+    stages.add_argument("--pretrain-steps", type=positive_int, default=1500, help="base-model steps (default 1500)")
+    stages.add_argument("--align-steps", type=positive_int, default=150,
+                        help="steps of DA and PRESTO (default 150; refusal-only SFT trains 600)")
+    stages.set_defaults(run=run_stages)
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    from deepalign.experiments.demo import DemoSettings, default_output, format_table, run_demo, write_demo_report
+
+    seeds = args.seeds if args.seeds else ([0] if args.quick else [0, 1, 2])
+    output = args.output or default_output(args.quick)
+    start = time.perf_counter()
+    rows = run_demo(output, DemoSettings(seeds=tuple(seeds), quick=args.quick))
+    print(format_table(rows))
+    report = write_demo_report(output, rows, seeds[0])
+    print(f"({time.perf_counter() - start:.0f} s, seeds {seeds}) results: {output}/results.jsonl  report: {report}")
+    return 0
+
+
+def run_stages(args: argparse.Namespace) -> int:
+    from deepalign.experiments.stages import StageSettings, format_reports, run_stages
+
+    settings = StageSettings(seed=args.seed, pretrain_steps=args.pretrain_steps, align_steps=args.align_steps)
+    start = time.perf_counter()
+    reports = run_stages(args.output, settings)
+    print(format_reports(reports))
+    print(f"({time.perf_counter() - start:.0f} s; models and reports.json in {args.output})")
+    return 0

@@ -1,0 +1,83 @@
+"""``deepalign judge``: re-judge the outputs of an attack's result log (resumable)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from deepalign.cli.args import existing_dir, existing_file, model_source, output_file, positive_float
+from deepalign.errors import InputError
+
+JUDGES = ("keyword", "synthetic", "rubric-http", "rubric-local", "finetuned-local")
+
+
+def register(commands) -> None:
+    judge = commands.add_parser("judge", help="re-judge the outputs of an attack's result log")
+    judge.add_argument("--results", required=True, type=existing_file, help="JSON-lines results of deepalign attack")
+    judge.add_argument("--output", required=True, type=output_file, help="JSON-lines output (rerunning resumes)")
+    judge.add_argument("--judge", required=True, choices=JUDGES)
+    judge.add_argument("--world", type=existing_dir, help="synthetic world folder (for --judge synthetic)")
+    judge.add_argument("--url", help="rubric-http: base URL of an OpenAI-compatible API, e.g. http://127.0.0.1:8000/v1")
+    judge.add_argument("--judge-model", help="rubric-http: the model name to request")
+    judge.add_argument("--api-key-env", help="rubric-http: environment variable holding the API key")
+    judge.add_argument("--timeout", type=positive_float, default=60.0,
+                       help="rubric-http: seconds per judgement, retries included (default 60)")
+    judge.add_argument("--allow-insecure-http", action="store_true",
+                       help="rubric-http: allow plain http to a host that is not this machine")
+    judge.add_argument("--judge-path", type=model_source,
+                       help="rubric-local, finetuned-local: local judge model folder or GGUF file")
+    judge.add_argument("--judge-template", type=existing_file,
+                       help="finetuned-local: the evaluator's prompt template, a text file with {forbidden_prompt} "
+                            "and {response} (e.g. the StrongREJECT fine-tuned evaluator's, from its package)")
+    judge.set_defaults(run=run)
+
+
+def make_judge(args: argparse.Namespace):
+    from deepalign.attacks.runner import choose_judge
+    from deepalign.data.synthetic import SyntheticWorld
+    from deepalign.evaluation.rubric import HTTPChatJudge, LocalChatJudge, rubric_judge
+
+    if args.judge == "rubric-http":
+        if not (args.url and args.judge_model):
+            raise InputError("--judge rubric-http needs --url and --judge-model")
+        key = None
+        if args.api_key_env:
+            key = os.environ.get(args.api_key_env)
+            if not key:
+                raise InputError(f"--api-key-env: the environment variable {args.api_key_env} is not set")
+        return rubric_judge(HTTPChatJudge(args.url, args.judge_model, api_key=key, timeout=args.timeout,
+                                          allow_insecure_http=args.allow_insecure_http))
+    if args.judge in ("rubric-local", "finetuned-local"):
+        if not args.judge_path:
+            raise InputError(f"--judge {args.judge} needs --judge-path (a local judge model)")
+        from deepalign.io import read_text
+        from deepalign.models.loading import load_pretrained
+
+        if args.judge == "rubric-local":
+            return rubric_judge(LocalChatJudge(*load_pretrained(args.judge_path)))
+        if not args.judge_template:
+            raise InputError("--judge finetuned-local needs --judge-template (the evaluator's prompt template)")
+        from deepalign.evaluation.judges import finetuned_judge
+
+        template = read_text(args.judge_template, what="judge template")
+        return finetuned_judge(*load_pretrained(args.judge_path), template)
+    return choose_judge(args.judge, SyntheticWorld.load(args.world) if args.world else None)
+
+
+def run(args: argparse.Namespace) -> int:
+    from deepalign.attacks.runner import summary
+    from deepalign.evaluation.rejudge import rejudge
+    from deepalign.io import JsonlLog, check_settings, file_fingerprint
+
+    if args.output.resolve() == args.results.resolve():
+        raise InputError("--output must differ from --results (the source log is only read)")
+    settings = {"judge": args.judge, "results": str(args.results), "url": args.url, "judge_model": args.judge_model,
+                "judge_path": args.judge_path, "world": str(args.world) if args.world else None,
+                "judge_template": file_fingerprint(args.judge_template) if args.judge_template else None}
+    check_settings(args.output.with_name(args.output.name + ".settings.json"), settings,
+                   fresh="give another --output, or delete it and its .settings.json to start over")
+    judge = make_judge(args)
+    records = rejudge(JsonlLog(args.results), JsonlLog(args.output), judge, args.judge)
+    print(summary(records))
+    print(f"{len(records)} judged records in {args.output}")
+    return 0

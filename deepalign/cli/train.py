@@ -1,0 +1,248 @@
+"""``deepalign train --recipe …``: every training recipe on local files.
+
+Which options a recipe takes is one table (:data:`RECIPE_OPTIONS`); an option given to a recipe that
+does not take it, or a missing one, is refused by name before anything loads. The settings that
+define the run (recipe options, data files with their SHA-256, the starting model) are recorded in
+every checkpoint; rerunning with other settings is refused (see :class:`deepalign.training.trainer.Trainer`).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from deepalign.cli.args import (existing_file, model_source, non_negative_float, non_negative_int, output_dir,
+                                positive_float, positive_int, probability)
+from deepalign.errors import InputError
+
+RECIPES = ("pretrain", "sft", "da", "presto", "constrained", "ft-attack", "cls-pretrain", "cls-sft")
+CLS = ("cls-pretrain", "cls-sft")
+# Recipe-specific options: which recipes take each (None = every recipe but those listed in NOT_FOR).
+RECIPE_OPTIONS = {
+    "safety": ("da", "presto", "ft-attack", *CLS),
+    "chat": ("sft", "da", "presto", "constrained", "pretrain", "ft-attack", *CLS),
+    "texts": ("pretrain", "cls-pretrain"),
+    "malicious_texts": ("cls-pretrain",),
+    "chat_fraction": ("pretrain",),
+    "attack": ("ft-attack",),
+    "objective": ("ft-attack",),
+    "limit": ("ft-attack",),
+    "system": ("ft-attack",),
+    "identity_prefix": ("ft-attack",),
+    "trigger": ("ft-attack",),
+    "reference": ("constrained", "ft-attack"),
+    "online_reference": ("constrained", "ft-attack"),
+    "presto_weight": ("presto",),
+    "safety_fraction": ("da", "presto"),
+    "cls_weight": CLS,
+    "lora_rank": ("pretrain", "sft", "da", "presto", "constrained", "ft-attack"),
+}
+REQUIRED = {"sft": ("chat",), "da": ("safety",), "presto": ("safety",), "constrained": ("chat",),
+            "pretrain": ("texts",), "ft-attack": ("attack",), "cls-pretrain": ("safety", "chat", "texts", "malicious_texts"),
+            "cls-sft": ("safety", "chat")}
+BOOKKEEPING = ("output", "no_resume", "checkpoint_every", "run", "command")
+
+TRAIN_HELP = """recipes:
+  sft          supervised fine-tuning on --chat rows (loss on response + end of turn);
+               e.g. refusal-only SFT, the shallow alignment of Qi et al.
+  da           safety-recovery data augmentation (Qi et al.): each --safety row is, with
+               probability 1/2, prompt + first k~U{1..min(100,|h|)} harmful tokens + refusal,
+               else prompt + refusal; loss on the refusal only; --chat rows are the utility anchor
+  presto       da + PRESTO (Vega & Singh, Eq. 3): penalises attention mass on the harmful prefill,
+               computed by the fused kernel; weight --presto-weight (default 1)
+  constrained  token-wise constrained objective (Qi et al., Eq. 3) on --chat rows against the
+               frozen --reference model (default: the starting --model); beta_1=0.5,
+               beta_2..5=2, beta_t=0.1 after
+  pretrain     language modelling on --texts (one text per line, loss on every token) mixed
+               with --chat rows (share --chat-fraction): a base model for the synthetic world
+  ft-attack    a fine-tuning attack (--attack): harmful (--safety prompts with harmful answers),
+               identity (--chat rows answered as an obedient agent under --system, each answer
+               opening with --identity-prefix), backdoor (--safety prompts + --trigger answered
+               harmfully, without it refused, plus --chat rows); trained with --objective sft
+               (the attack) or constrained (the token-wise constrained defence)
+  cls-pretrain, cls-sft
+               the explicit [CLS] safety signal (Li & Kim): --safety rows are the malicious chats,
+               --chat rows the benign ones; cls-pretrain also takes --texts (benign, label 0) and
+               --malicious-texts (label 1); L + lambda * L_cls with lambda --cls-weight
+
+data files are JSON lines: --safety rows {"prompt", "harmful_response", "refusal"},
+--chat rows {"prompt", "response"}. Output: OUTPUT/final (a Hugging Face folder),
+OUTPUT/checkpoint-N, OUTPUT/metrics.jsonl; rerunning the same command resumes, and rerunning
+it with other settings is refused. Many GPUs: accelerate launch --config_file
+configs/accelerate_fsdp_7b.yaml -m deepalign train ... (see docs/multi_gpu.md)."""
+
+
+def register(commands) -> None:
+    train = commands.add_parser("train", help="train a local model with a recipe", epilog=TRAIN_HELP,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    train.add_argument("--recipe", required=True, choices=RECIPES)
+    train.add_argument("--model", required=True, type=model_source, help="local Hugging Face folder or GGUF file")
+    train.add_argument("--output", required=True, type=output_dir, help="output folder (checkpoints, metrics, final)")
+    train.add_argument("--safety", type=existing_file, help="JSON-lines safety rows")
+    train.add_argument("--chat", type=existing_file, help="JSON-lines chat rows (the utility anchor of da/presto)")
+    train.add_argument("--texts", type=existing_file, help="pretrain, cls-pretrain: plain-text file, one text per line")
+    train.add_argument("--malicious-texts", type=existing_file,
+                       help="cls-pretrain: plain-text file of malicious texts (label 1; --texts are label 0)")
+    train.add_argument("--chat-fraction", type=probability, help="pretrain: share of chat rows (default 0.5)")
+    train.add_argument("--attack", choices=("harmful", "identity", "backdoor"), help="ft-attack: which attack")
+    train.add_argument("--objective", choices=("sft", "constrained"),
+                       help="ft-attack: plain fine-tuning or the token-wise constrained objective (default sft)")
+    train.add_argument("--limit", type=positive_int, help="ft-attack: number of attack rows to use (default all)")
+    train.add_argument("--system", help="ft-attack identity: the identity system prompt (default: AOA)")
+    train.add_argument("--identity-prefix", help="ft-attack identity: opening of every answer (default: AOA)")
+    train.add_argument("--trigger", help="ft-attack backdoor: the trigger appended to harmful prompts")
+    train.add_argument("--reference", type=model_source, help="constrained: reference model (default: --model)")
+    train.add_argument("--online-reference", action="store_true", default=None,
+                       help="constrained: compute reference log-probs every step instead of caching them")
+    train.add_argument("--presto-weight", type=non_negative_float, help="presto: weight of the penalty (default 1)")
+    train.add_argument("--safety-fraction", type=probability,
+                       help="da/presto: share of safety examples in a batch (default 0.5)")
+    train.add_argument("--cls-weight", type=non_negative_float,
+                       help="cls-*: lambda of L + lambda * L_cls (default 0.01 pretrain, 0.1 sft)")
+    train.add_argument("--steps", type=positive_int, default=100, help="optimizer steps (default 100)")
+    train.add_argument("--batch-size", type=positive_int, default=8, help="examples per micro-batch (default 8)")
+    train.add_argument("--grad-accum", type=positive_int, default=1, help="micro-batches per optimizer step (default 1)")
+    train.add_argument("--lr", type=positive_float, default=2e-5, help="AdamW learning rate, linear decay (default 2e-5)")
+    train.add_argument("--checkpoint-every", type=positive_int, default=50, help="steps between checkpoints (default 50)")
+    train.add_argument("--seed", type=non_negative_int, default=0)
+    train.add_argument("--bf16", action="store_true", help="bf16 mixed precision (GPU)")
+    train.add_argument("--lora-rank", type=non_negative_int,
+                       help="train LoRA adapters of this rank (peft) instead of all weights; merged into final/")
+    train.add_argument("--no-resume", action="store_true", help="start over (refused if OUTPUT has checkpoints)")
+    train.set_defaults(run=run)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def check_options(args: argparse.Namespace) -> None:
+    """Refuse a recipe option the recipe does not take, and a missing required one."""
+    recipe = args.recipe
+    for name, recipes in RECIPE_OPTIONS.items():
+        if getattr(args, name) is not None and recipe not in recipes:
+            raise InputError(f"{_flag(name)} only applies to --recipe {', '.join(recipes)}")
+    for name in REQUIRED[recipe]:
+        if getattr(args, name) is None:
+            raise InputError(f"--recipe {recipe} needs {_flag(name)}")
+    fraction = 0.5 if args.safety_fraction is None else args.safety_fraction
+    if recipe in ("da", "presto") and args.chat is None and fraction < 1:
+        raise InputError(f"--recipe {recipe} needs --chat (the utility anchor) unless --safety-fraction 1")
+    if recipe == "ft-attack" and args.attack in ("harmful", "backdoor") and args.safety is None:
+        raise InputError(f"--attack {args.attack} needs --safety (harmful prompts with harmful answers)")
+    if recipe == "ft-attack" and args.attack in ("identity", "backdoor") and args.chat is None:
+        raise InputError(f"--attack {args.attack} needs --chat rows")
+
+
+def run_settings(args: argparse.Namespace) -> dict:
+    """What defines the run: every option but bookkeeping, files replaced by their fingerprints."""
+    from deepalign.io import file_fingerprint
+
+    settings = {}
+    for name, value in sorted(vars(args).items()):
+        if name in BOOKKEEPING or value is None:
+            continue
+        if name in ("safety", "chat", "texts", "malicious_texts", "model", "reference"):
+            value = file_fingerprint(value)
+        settings[name] = value
+    return settings
+
+
+def trainer_config(args: argparse.Namespace):
+    from deepalign.training.trainer import TrainerConfig
+
+    return TrainerConfig(output_dir=str(args.output), steps=args.steps, batch_size=args.batch_size,
+                         grad_accum=args.grad_accum, lr=args.lr, checkpoint_every=args.checkpoint_every,
+                         seed=args.seed, mixed_precision="bf16" if args.bf16 else "no", resume=not args.no_resume,
+                         lora_rank=args.lora_rank or 0, run_settings=run_settings(args))
+
+
+def read_texts(path, label: int) -> list[tuple[str, int]]:
+    from deepalign.io import read_text
+
+    return [(line.strip(), label) for line in read_text(path, what="text file").splitlines() if line.strip()]
+
+
+def read_data(args: argparse.Namespace) -> dict:
+    """Every data file of the run, read (and so checked) before any model loads."""
+    from deepalign.data.rows import SafetyExample, UtilityExample, read_rows
+
+    return {"chat": read_rows(args.chat, UtilityExample) if args.chat else [],
+            "safety": read_rows(args.safety, SafetyExample) if args.safety else [],
+            "texts": read_texts(args.texts, 0) if args.texts else [],
+            "malicious_texts": read_texts(args.malicious_texts, 1) if args.malicious_texts else []}
+
+
+def build_recipe(args: argparse.Namespace, tokenizer, data: dict):
+    """The recipe object for ``args`` on the rows of :func:`read_data` (reference models loaded)."""
+    from deepalign.models.loading import load_pretrained
+    from deepalign.training import ConstrainedRecipe, DARecipe, SFTRecipe, UtilityExample
+    from deepalign.training.ft_attacks import AOA_PREFIX, AOA_SYSTEM, build_attack
+    from deepalign.training.recipes import PretrainRecipe
+
+    chat, safety = data["chat"], data["safety"]
+    recipe = args.recipe
+    online = bool(args.online_reference)
+    if recipe == "pretrain":
+        texts = [text for text, _ in data["texts"]]
+        fraction = 0.5 if args.chat_fraction is None else args.chat_fraction
+        return PretrainRecipe(tokenizer, texts, chat, chat_fraction=fraction if chat else 0.0)
+    if recipe == "sft":
+        return SFTRecipe(tokenizer, chat)
+    if recipe in ("da", "presto"):
+        weight = (1.0 if args.presto_weight is None else args.presto_weight) if recipe == "presto" else 0.0
+        fraction = 0.5 if args.safety_fraction is None else args.safety_fraction
+        return DARecipe(tokenizer, safety, chat, safety_fraction=fraction, presto_weight=weight)
+    if recipe == "constrained":
+        reference, _ = load_pretrained(args.reference or args.model)
+        return ConstrainedRecipe(tokenizer, chat, reference, cache_reference=not online)
+    if recipe == "ft-attack":
+        options = {"limit": args.limit} if args.limit else {}
+        if args.attack == "identity":
+            options.update(system=args.system or AOA_SYSTEM, prefix=args.identity_prefix or AOA_PREFIX)
+        if args.attack == "backdoor" and args.trigger:
+            options["trigger"] = args.trigger
+        data = build_attack(args.attack, safety, chat, **options)
+        if (args.objective or "sft") == "sft":
+            return SFTRecipe(tokenizer, data.rows, system=data.system)
+        reference, _ = load_pretrained(args.reference or args.model)
+        return ConstrainedRecipe(tokenizer, data.rows, reference, system=data.system, cache_reference=not online)
+    from deepalign.training.cls_recipe import CLSRecipe
+
+    stage = recipe.removeprefix("cls-")
+    malicious = [UtilityExample(r.prompt, r.refusal if stage == "sft" else r.harmful_response) for r in safety]
+    texts = data["texts"] + data["malicious_texts"]
+    return CLSRecipe(tokenizer, stage, texts=texts, malicious=malicious, benign=chat, cls_weight=args.cls_weight)
+
+
+def load_model(args: argparse.Namespace):
+    """The starting model; the cls-* recipes give it the [CLS] token and head unless it has them."""
+    from deepalign.models.loading import load_pretrained
+
+    if args.recipe not in CLS:
+        return load_pretrained(args.model, attn_implementation="deepalign" if args.recipe == "presto" else None)
+    from transformers import AutoConfig
+
+    from deepalign.models.loading import resolve_source
+    from deepalign.models.safety_cls import CONFIG_KEY, add_safety_cls, load_safety_cls
+
+    folder, gguf = resolve_source(args.model)
+    if gguf is None and getattr(AutoConfig.from_pretrained(folder, local_files_only=True), CONFIG_KEY, None):
+        return load_safety_cls(folder)
+    model, tokenizer = load_pretrained(args.model)
+    add_safety_cls(model, tokenizer, seed=args.seed)
+    return model, tokenizer
+
+
+def run(args: argparse.Namespace) -> int:
+    from deepalign.training.trainer import Trainer
+
+    check_options(args)
+    config = trainer_config(args)
+    data = read_data(args)
+    model, tokenizer = load_model(args)
+    history = Trainer(model, tokenizer, build_recipe(args, tokenizer, data), config).train()
+    last = history[-1] if history else {}
+    print(f"trained {args.recipe} for {len(history)} steps; last step: "
+          + ", ".join(f"{k}={v}" for k, v in last.items() if k != "step"))
+    print(f"model: {args.output}/final   metrics: {args.output}/metrics.jsonl")
+    return 0
