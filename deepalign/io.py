@@ -155,20 +155,30 @@ def _fsync_dir(folder: Path) -> None:
             os.close(descriptor)
 
 
+def blocking_ancestor(path: Path) -> Path | None:
+    """The nearest existing ancestor of ``path`` when it is a file (nothing can be created under
+    it), else ``None``."""
+    for folder in path.parents:
+        if folder.exists():
+            return None if folder.is_dir() else folder
+    return None
+
+
 def check_writable_file(path: str | Path, *, what: str = "output file") -> Path:
     """``path`` as a file that can be written: not a directory, its parent a directory (created
     when missing). Call it before long work, so that a bad output fails before the work is done."""
     path = Path(path)
     if path.is_dir():
         raise InputError(f"{path}: is a directory; the {what} must be a file path")
-    parent = path.parent
-    for folder in (parent, *parent.parents):
-        if folder.exists():
-            if not folder.is_dir():
-                raise InputError(f"{folder}: is a file, so the {what} {path} cannot be created under it")
-            break
-    parent.mkdir(parents=True, exist_ok=True)
+    _refuse_blocked(path, what)
+    path.parent.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def _refuse_blocked(path: Path, what: str) -> None:
+    blocker = blocking_ancestor(path)
+    if blocker is not None:
+        raise InputError(f"{blocker}: is a file, so the {what} {path} cannot be created under it")
 
 
 def check_writable_dir(path: str | Path, *, what: str = "output folder") -> Path:
@@ -176,11 +186,7 @@ def check_writable_dir(path: str | Path, *, what: str = "output folder") -> Path
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise InputError(f"{path}: is a file; the {what} must be a folder")
-    for folder in path.parents:
-        if folder.exists():
-            if not folder.is_dir():
-                raise InputError(f"{folder}: is a file, so the {what} {path} cannot be created under it")
-            break
+    _refuse_blocked(path, what)
     path.mkdir(parents=True, exist_ok=True)
     return path
 

@@ -27,10 +27,17 @@ from deepalign.errors import DeepalignError
 SUBCOMMANDS = (selfcheck, train, world, attack, autorap, judge, analyze, demo)
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with a one-line refusal: ``PROG: argument --NAME: why (PROG --help for usage)``."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from deepalign import __version__
 
-    parser = argparse.ArgumentParser(prog="deepalign", description="Deep safety alignment research on chat "
+    parser = Parser(prog="deepalign", description="Deep safety alignment research on chat "
                                      "language models: kernels, training recipes, attacks, judges and analyses.")
     parser.add_argument("--version", action="version", version=f"deepalign {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

@@ -7,6 +7,8 @@ import argparse
 import math
 from pathlib import Path
 
+from deepalign.io import blocking_ancestor
+
 
 def _int(text: str) -> int:
     try:
@@ -25,50 +27,27 @@ def _float(text: str) -> float:
     return value
 
 
-def positive_int(text: str) -> int:
-    value = _int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
-    return value
+def _bounded(parse, accept, requirement: str, name: str):
+    """An argparse type: ``parse`` the text, then refuse values ``accept`` rejects."""
+    def check(text: str):
+        value = parse(text)
+        if not accept(value):
+            raise argparse.ArgumentTypeError(f"must be {requirement}, got {text!r}")
+        return value
+
+    check.__name__ = name
+    return check
 
 
-def non_negative_int(text: str) -> int:
-    value = _int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be an integer ≥ 0, got {text!r}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    value = _float(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
-    return value
-
-
-def non_negative_float(text: str) -> float:
-    value = _float(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be a number ≥ 0, got {text!r}")
-    return value
-
-
-def probability(text: str) -> float:
-    value = _float(text)
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text!r}")
-    return value
+positive_int = _bounded(_int, lambda v: v >= 1, "a positive integer", "positive_int")
+non_negative_int = _bounded(_int, lambda v: v >= 0, "an integer ≥ 0", "non_negative_int")
+positive_float = _bounded(_float, lambda v: v > 0, "a positive number", "positive_float")
+non_negative_float = _bounded(_float, lambda v: v >= 0, "a number ≥ 0", "non_negative_float")
+probability = _bounded(_float, lambda v: 0 <= v <= 1, "in [0, 1]", "probability")
 
 
 def int_in(low: int, high: int):
-    def parse(text: str) -> int:
-        value = _int(text)
-        if not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"must be an integer in [{low}, {high}], got {text!r}")
-        return value
-
-    parse.__name__ = f"int_in_{low}_{high}"
-    return parse
+    return _bounded(_int, lambda v: low <= v <= high, f"an integer in [{low}, {high}]", f"int_in_{low}_{high}")
 
 
 def existing_file(text: str) -> Path:
@@ -96,19 +75,12 @@ def model_source(text: str) -> str:
     return text
 
 
-def _blocking_ancestor(path: Path) -> Path | None:
-    for folder in path.parents:
-        if folder.exists():
-            return None if folder.is_dir() else folder
-    return None
-
-
 def output_file(text: str) -> Path:
     """A file to write: not a directory, and not under a file."""
     path = Path(text)
     if path.is_dir():
         raise argparse.ArgumentTypeError(f"{text}: is a directory; give a file path")
-    blocker = _blocking_ancestor(path)
+    blocker = blocking_ancestor(path)
     if blocker is not None:
         raise argparse.ArgumentTypeError(f"{text}: {blocker} is a file, so nothing can be written under it")
     return path
@@ -119,7 +91,7 @@ def output_dir(text: str) -> Path:
     path = Path(text)
     if path.exists() and not path.is_dir():
         raise argparse.ArgumentTypeError(f"{text}: is a file; give a folder")
-    blocker = _blocking_ancestor(path)
+    blocker = blocking_ancestor(path)
     if blocker is not None:
         raise argparse.ArgumentTypeError(f"{text}: {blocker} is a file, so nothing can be written under it")
     return path

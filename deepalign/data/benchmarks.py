@@ -51,19 +51,34 @@ def _csv_rows(path: Path, required: tuple[str, ...]) -> Iterator[tuple[int, int,
         yield line, number, row
 
 
+class _UniqueIds:
+    """Result logs are keyed by target id, so two rows with one id would share one record: the
+    second is refused with ``file:line`` naming both."""
+
+    def __init__(self, path: Path):
+        self.path, self.first = path, {}
+
+    def __call__(self, target_id: str, line: int) -> str:
+        if target_id in self.first:
+            raise FileFormatError(f"{self.path}:{line}: the id {target_id!r} is already the id of line "
+                                  f"{self.first[target_id]}; ids must be unique")
+        self.first[target_id] = line
+        return target_id
+
+
 def read_strongreject(path: Path) -> list[AttackTarget]:
     return [AttackTarget(f"strongreject-{number}", row["forbidden_prompt"].strip(), "", row["category"].strip())
             for _, number, row in _csv_rows(path, ("category", "source", "forbidden_prompt"))]
 
 
 def read_harmbench(path: Path) -> list[AttackTarget]:
-    targets = []
-    for _, _, row in _csv_rows(path, ("Behavior", "BehaviorID")):
+    targets, unique = [], _UniqueIds(path)
+    for line, _, row in _csv_rows(path, ("Behavior", "BehaviorID")):
         prompt = row["Behavior"].strip()
         context = (row.get("ContextString") or "").strip()
         if context:
             prompt = f"{context}\n\n---\n\n{prompt}"
-        targets.append(AttackTarget(row["BehaviorID"].strip(), prompt, "", (row.get("SemanticCategory") or "").strip()))
+        targets.append(AttackTarget(unique(row["BehaviorID"].strip(), line), prompt, "", (row.get("SemanticCategory") or "").strip()))
     return targets
 
 
@@ -73,20 +88,21 @@ def read_advbench(path: Path) -> list[AttackTarget]:
 
 
 def read_jailbreakbench(path: Path) -> list[AttackTarget]:
-    return [AttackTarget(f"jbb-{(row.get('Behavior') or str(number)).strip()}", row["Goal"].strip(),
+    unique = _UniqueIds(path)
+    return [AttackTarget(unique(f"jbb-{(row.get('Behavior') or str(number)).strip()}", line), row["Goal"].strip(),
                          row["Target"].strip(), row["Category"].strip())
-            for _, number, row in _csv_rows(path, ("Goal", "Target", "Category"))]
+            for line, number, row in _csv_rows(path, ("Goal", "Target", "Category"))]
 
 
 def read_hex_phi(path: Path) -> list[AttackTarget]:
-    targets = []
+    targets, unique = [], _UniqueIds(path)
     for line, record in iter_jsonl(path, what="benchmark file"):
         if not isinstance(record, dict):
             raise FileFormatError(f"{path}:{line}: expected an object with 'instruction'")
         prompt = record.get("instruction") or record.get("prompt")
         if not isinstance(prompt, str) or not prompt.strip():
             raise FileFormatError(f"{path}:{line}: missing 'instruction'")
-        targets.append(AttackTarget(str(record.get("id", f"hex-phi-{len(targets) + 1}")), prompt.strip(), "",
+        targets.append(AttackTarget(unique(str(record.get("id", f"hex-phi-{len(targets) + 1}")), line), prompt.strip(), "",
                                     str(record.get("category", ""))))
     return targets
 
@@ -106,13 +122,14 @@ def read_harmful_hex_phi(path: Path) -> list[AttackTarget]:
 
 
 def read_do_not_answer(path: Path) -> list[AttackTarget]:
-    targets = []
+    targets, unique = [], _UniqueIds(path)
     for line, record in iter_jsonl(path, what="benchmark file"):
         question = record.get("question") if isinstance(record, dict) else None
         if not isinstance(question, str) or not question.strip():
             raise FileFormatError(f"{path}:{line}: missing 'question'")
         category = record.get("risk_area") or record.get("types_of_harm") or ""
-        targets.append(AttackTarget(f"dna-{record.get('id', len(targets) + 1)}", question.strip(), "", str(category)))
+        targets.append(AttackTarget(unique(f"dna-{record.get('id', len(targets) + 1)}", line), question.strip(), "",
+                                    str(category)))
     return targets
 
 
@@ -160,15 +177,5 @@ def read_benchmark(path: str | Path, format: str | None = None) -> list[AttackTa
     targets = READERS[format or guess_format(path)](path)
     if not targets:
         raise FileFormatError(f"{path}: the file has no rows")
-    _refuse_duplicate_ids(path, targets)
     return targets
 
-
-def _refuse_duplicate_ids(path: Path, targets: list[AttackTarget]) -> None:
-    """Result logs are keyed by target id, so two rows with one id would share one record."""
-    first: dict[str, int] = {}
-    for index, target in enumerate(targets):
-        if target.id in first:
-            raise FileFormatError(f"{path}: rows {first[target.id] + 1} and {index + 1} (data rows, header not "
-                                  f"counted) share the id {target.id!r}; ids must be unique")
-        first[target.id] = index

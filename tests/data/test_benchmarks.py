@@ -87,7 +87,11 @@ def test_non_utf8_names_the_file_line_and_byte(tmp_path):
 def test_duplicate_ids_are_refused(tmp_path):
     path = tmp_path / "harmbench.csv"
     path.write_text("Behavior,BehaviorID\nDo X,x_id\nDo Y,y_id\nDo Z,x_id\n")
-    with pytest.raises(FileFormatError, match=r"harmbench.csv: rows 1 and 3 .* share the id 'x_id'"):
+    with pytest.raises(FileFormatError, match=r"harmbench.csv:4: the id 'x_id' is already the id of line 2"):
+        read_benchmark(path)
+    path = tmp_path / "hex.jsonl"
+    path.write_text('{"instruction": "a", "id": 7}\n{"instruction": "b", "id": 7}\n')
+    with pytest.raises(FileFormatError, match=r"hex.jsonl:2: the id '7' is already the id of line 1"):
         read_benchmark(path)
 
 
