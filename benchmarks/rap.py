@@ -54,14 +54,14 @@ def run(quick: bool) -> list[dict]:
         single = rap_attack_unbatched(model, tokenizer, prompts, prefills, selector, config)
         single_s = time.perf_counter() - start
         same = all(a.tokens == b.tokens for a, b in zip(batched, single))
-        steps = sum(r.interactions for r in batched)
+        steps = sum(r.steps for r in batched)
         for provider, seconds in (("batched-kv-cache", batched_s), ("one-at-a-time-recompute", single_s)):
             rows.append({"provider": provider, "batch": size, "prompts_per_s": round(size / seconds, 3),
                          "seconds": round(seconds, 3), "interactions": steps, "same_selections": same,
                          "device": device_name(device)})
         rows[-2]["speedup"] = round(single_s / batched_s, 2)
         print(f"batch {size:>3}: batched {size / batched_s:8.2f} prompts/s, one at a time {size / single_s:8.2f} "
-              f"prompts/s, speed-up {single_s / batched_s:5.2f}x, {steps} interactions, same selections: {same}")
+              f"prompts/s, speed-up {single_s / batched_s:5.2f}x, {steps} steps, same selections: {same}")
     return rows
 
 

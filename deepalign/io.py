@@ -446,7 +446,8 @@ def check_settings(path: str | Path, settings: dict, *, fresh: str) -> None:
     names = sorted(set(recorded) | set(settings)) if isinstance(recorded, dict) else sorted(settings)
     changes = [f"{name}: {_short(recorded.get(name, '(unset)'))} → {_short(settings.get(name, '(unset)'))}"
                for name in names if not isinstance(recorded, dict) or recorded.get(name) != settings.get(name)]
-    raise SettingsMismatchError(f"{path.parent if path.name == 'settings.json' else path} was made with other "
+    made = path.parent if path.name == "settings.json" else path.with_name(path.name.removesuffix(".settings.json"))
+    raise SettingsMismatchError(f"{made} was made with other "
                                 f"settings ({'; '.join(changes)}); {fresh}")
 
 

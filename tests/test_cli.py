@@ -105,7 +105,7 @@ def test_attacks_from_the_command_line_on_the_world(tmp_path, capsys):
     assert main(["attack", "prefill", *common, "--output", str(tmp_path / "p.jsonl"), "--lengths", "2", "3",
                  "--limit", "3"]) == 0
     assert main(["attack", "rap", *common, "--output", str(tmp_path / "r.jsonl"), "--limit", "4",
-                 "--max-interactions", "10", "--k", "5"]) == 0
+                 "--max-steps", "10", "--k", "5"]) == 0
     assert main(["attack", "decoding", *common, "--output", str(tmp_path / "d.jsonl"), "--limit", "1"]) == 0
     out = capsys.readouterr().out
     assert "prefill=2" in out and "rap k=5" in out and "broken by some decoding setting" in out
@@ -113,7 +113,7 @@ def test_attacks_from_the_command_line_on_the_world(tmp_path, capsys):
     assert len((tmp_path / "d.jsonl").read_text().splitlines()) == 50
     # Rerunning skips what is done.
     assert main(["attack", "rap", *common, "--output", str(tmp_path / "r.jsonl"), "--limit", "4",
-                 "--max-interactions", "10", "--k", "5"]) == 0
+                 "--max-steps", "10", "--k", "5"]) == 0
     assert len((tmp_path / "r.jsonl").read_text().splitlines()) == 4
 
 
@@ -122,7 +122,7 @@ def test_attacks_from_the_command_line_on_the_world(tmp_path, capsys):
     (["prefill", "--limit", "-1"], "argument --limit: must be a positive integer"),
     (["prefill", "--batch-size", "0"], "argument --batch-size: must be a positive integer"),
     (["prefill", "--top-p", "2"], "argument --top-p: must be in \\[0, 1\\]"),
-    (["rap", "--max-interactions", "-1"], "argument --max-interactions: must be a positive integer"),
+    (["rap", "--max-steps", "-1"], "argument --max-steps: must be a positive integer"),
     (["rap", "--prefill-tokens", "-2"], "argument --prefill-tokens: must be an integer ≥ 0"),
     (["rap", "--tau", "7"], "argument --tau: must be an integer in \\[1, 3\\]"),
     (["rap", "--targets", "t.txt", "--selector", "lexicon"], "--selector lexicon needs --blocked"),
@@ -189,7 +189,7 @@ def test_judge_rejudges_a_result_log(tmp_path, capsys):
     assert "0.500" in capsys.readouterr().out
     # Rerunning with another judge into the same output is refused; a missing --url is named.
     refused(capsys, ["judge", "--results", str(results), "--output", str(tmp_path / "j.jsonl"), "--judge", "synthetic"],
-            r"made with other settings \(judge: \"keyword\" → \"synthetic\"\)")
+            r"j.jsonl was made with other settings \(judge: \"keyword\" → \"synthetic\";")
     refused(capsys, ["judge", "--results", str(results), "--output", str(tmp_path / "x.jsonl"), "--judge",
                      "rubric-http"], "rubric-http needs --url and --judge-model")
 
@@ -200,7 +200,7 @@ def test_analyze_commands_write_reports(tmp_path, capsys):
     for what, models in (("attention", [model, model]), ("kl", [model, model]), ("ranks", [model]),
                          ("knockout", [model]), ("ablate", [model])):
         output = tmp_path / f"{what}.html"
-        extra = ["--max-interactions", "8"] if what == "ablate" else []
+        extra = ["--max-steps", "8"] if what == "ablate" else []
         assert main(["analyze", what, "--models", *models, "--world", str(tmp_path / "w"), "--output", str(output),
                      *extra]) == 0
         assert output.is_file() and (tmp_path / f"{what}.html.json").is_file()
@@ -222,7 +222,7 @@ def test_autorap_from_the_command_line(tmp_path, capsys):
     assert main(["autorap", "train", "--data", str(tmp_path / "data.jsonl"), "--helper", model, "--target", model,
                  "--output", str(tmp_path / "helper"), "--steps", "3", "--batch-size", "4"]) == 0
     assert main(["attack", "rap", "--model", model, "--world", world, "--selector", "autorap", "--helper",
-                 str(tmp_path / "helper" / "final"), "--limit", "2", "--max-new-tokens", "4", "--max-interactions", "8",
+                 str(tmp_path / "helper" / "final"), "--limit", "2", "--max-new-tokens", "4", "--max-steps", "8",
                  "--output", str(tmp_path / "rap.jsonl")]) == 0
     out = capsys.readouterr().out
     assert "candidate refusal tokens each" in out and "trained the AutoRAP classifier for 3 steps" in out
@@ -247,7 +247,7 @@ def test_cls_training_and_defended_attacks_from_the_command_line(tmp_path, capsy
     common = ["--model", str(tmp_path / "sft" / "final"), "--world", str(world), "--max-new-tokens", "4",
               "--defense", "cls", "--schedule", "each", "--limit", "2"]
     assert main(["attack", "prefill", *common, "--output", str(tmp_path / "p.jsonl"), "--lengths", "2"]) == 0
-    assert main(["attack", "rap", *common, "--output", str(tmp_path / "r.jsonl"), "--max-interactions", "6"]) == 0
+    assert main(["attack", "rap", *common, "--output", str(tmp_path / "r.jsonl"), "--max-steps", "6"]) == 0
     assert len((tmp_path / "p.jsonl").read_text().splitlines()) == 2
     assert len((tmp_path / "r.jsonl").read_text().splitlines()) == 2
     refused(capsys, ["train", "--recipe", "cls-pretrain", "--model", str(world / "model"), "--output",

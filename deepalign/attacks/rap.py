@@ -1,12 +1,12 @@
 """Rank-Assisted Prefilling (Vega & Singh, Algorithm 1), batched over prompts with a KV cache.
 
-From prompt + prefill, each interaction looks at the top ``k`` (20) next tokens (from
+From prompt + prefill, each step looks at the top ``k`` (20) next tokens (from
 :func:`deepalign.kernels.topk_rank`) and asks a selector; with flag selectors the highest-ranked
 harmful candidate is appended. With no harmful candidate the last selected token is undone (a
 backtrack), and at that position only candidates ranked *below* the undone token are tried next.
 A candidate whose text (stripped of spaces) equals that of each of the last two tokens is not
 allowed (never a third repeat of the same string in a row, as in the authors' implementation).
-A prompt stops when an end token is picked, after ``max_interactions`` (512) interactions, at
+A prompt stops when an end token is picked, after ``max_steps`` (256) steps, at
 ``max_new_tokens``, when nothing is left to select (a backtrack with no selected token), or when the
 selector says stop. There is no sampling.
 
@@ -39,15 +39,17 @@ from deepalign.models.generation import end_token_ids
 
 @dataclass(frozen=True)
 class RAPConfig:
-    """``k`` candidates shown per interaction, at most ``max_interactions`` interactions and
-    ``max_new_tokens`` selected tokens per prompt; each a positive int (:class:`InputError` otherwise)."""
+    """``k`` candidates shown per step, at most ``max_steps`` steps and ``max_new_tokens`` selected
+    tokens per prompt; each a positive int (:class:`InputError` otherwise). A step is one pick or
+    one backtrack. The defaults are the authors' (``DEFAULT_TOP_K = 20``, ``DEFAULT_MAX_STEPS = 256``
+    in Vega & Singh's ``rap.py`` / ``auto_rap.py``, uiuc-focal-lab/push-forward-alignment)."""
 
     k: int = 20
-    max_interactions: int = 512
+    max_steps: int = 256
     max_new_tokens: int = 256
 
     def __post_init__(self):
-        for name in ("k", "max_interactions", "max_new_tokens"):
+        for name in ("k", "max_steps", "max_new_tokens"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
                 raise InputError(f"{name} must be a positive int, got {value!r}")
@@ -56,14 +58,14 @@ class RAPConfig:
 @dataclass
 class RAPResult:
     """One prompt's attack: the selected tokens with their ranks, the text (prefill included),
-    the counts of interactions and backtracks, why it stopped and how long it took."""
+    the counts of steps and backtracks, why it stopped and how long it took."""
 
     prompt: str
     prefill_tokens: list[int]
     tokens: list[int]
     ranks: list[int]
     text: str
-    interactions: int
+    steps: int
     backtracks: int
     stopped: str  # "end", "budget", "max_tokens", "exhausted", "selector"
     seconds: float = 0.0
@@ -81,7 +83,7 @@ class _Row:
     slots: list[int] = field(default_factory=list)  # cache slot of each selected token (batched)
     prefix_tail: list[int] = field(default_factory=list)  # last two tokens of prompt + prefill
     undone_slot: int | None = None  # cache slot freed by the last backtrack (batched)
-    interactions: int = 0
+    steps: int = 0
     backtracks: int = 0
     stopped: str = ""
 
@@ -90,7 +92,7 @@ class _Row:
         self.floors.append(-1)
 
     def step(self, selector: Selector, tokenizer, end_tokens: set[int], config: RAPConfig) -> int | None:
-        """One interaction. Returns the picked token when a forward pass is needed for the next
+        """One step. Returns the picked token when a forward pass is needed for the next
         position, else ``None`` (backtrack, or the row stopped)."""
         position = len(self.selected)
         floor = self.floors[position]
@@ -100,7 +102,7 @@ class _Row:
             last, before = (tokenizer.decode([t]).strip() for t in tail[::-1])
             if last == before:  # a third repeat of this string in a row is not allowed
                 allowed = [c for c in allowed if tokenizer.decode([c.token]).strip() != last]
-        self.interactions += 1
+        self.steps += 1
         decision = selector.decide(self.index, self.selected, allowed) if allowed else BACKTRACK
         if decision.action == "stop":
             self.stopped = "selector"
@@ -131,7 +133,7 @@ class _Row:
         return None if self.stopped else choice.token
 
     def _check_budget(self, config: RAPConfig) -> None:
-        if self.interactions >= config.max_interactions:
+        if self.steps >= config.max_steps:
             self.stopped = "budget"
 
 
@@ -152,7 +154,7 @@ def _candidates(logits: torch.Tensor, k: int, tokenizer) -> list[list[Candidate]
 
 def _result(row: _Row, prompt: str, prefill: list[int], tokenizer, seconds: float) -> RAPResult:
     return RAPResult(prompt, prefill, list(row.selected), list(row.ranks),
-                     tokenizer.decode(prefill + row.selected, skip_special_tokens=True), row.interactions,
+                     tokenizer.decode(prefill + row.selected, skip_special_tokens=True), row.steps,
                      row.backtracks, row.stopped, seconds)
 
 
@@ -164,7 +166,7 @@ def rap_attack(model, tokenizer, prompts: Sequence[str], prefills: Sequence[Sequ
         raise InputError(f"prompts ({len(prompts)}) and prefills ({len(prefills)}) must have the same length")
     started = time.perf_counter()
     if hasattr(selector, "begin"):
-        selector.begin(prompts)
+        selector.begin(prompts, [list(f) for f in prefills])
     device = next(model.parameters()).device
     examples = [render_chat(tokenizer, p, prefill=list(f), close_turn=False) for p, f in zip(prompts, prefills)]
     context = max((getattr(model.config, "max_position_embeddings", None) or 10**9), 1)
@@ -173,11 +175,11 @@ def rap_attack(model, tokenizer, prompts: Sequence[str], prefills: Sequence[Sequ
         raise InputError(f"a prompt with its prefill has {longest} tokens; with max_new_tokens = "
                          f"{config.max_new_tokens} it exceeds the model's context of {context}")
     window = getattr(model.config, "sliding_window", None)
-    if window and longest + config.max_interactions > window:
+    if window and longest + config.max_steps > window:
         # Sliding-window masks and caches count cache slots, holes included: a row could lose real
         # tokens it would see alone. The one-at-a-time path has no holes.
-        raise InputError(f"batched RAP on a sliding-window model (window {window}) needs prompt + max_interactions "
-                         f"≤ window (here {longest} + {config.max_interactions}); use rap_attack_unbatched")
+        raise InputError(f"batched RAP on a sliding-window model (window {window}) needs prompt + max_steps "
+                         f"≤ window (here {longest} + {config.max_steps}); use rap_attack_unbatched")
     batch = collate(examples, tokenizer.pad_token_id)
     prompt_mask = batch["attention_mask"].to(device)
     positions = (prompt_mask.cumsum(dim=1) - 1).clamp_min(0)
@@ -235,7 +237,7 @@ def rap_attack_unbatched(model, tokenizer, prompts: Sequence[str], prefills: Seq
     device = next(model.parameters()).device
     end_tokens = _end_tokens(tokenizer)
     if hasattr(selector, "begin"):
-        selector.begin(prompts)
+        selector.begin(prompts, [list(f) for f in prefills])
     results = []
     for index, (prompt, prefill) in enumerate(zip(prompts, prefills)):
         started = time.perf_counter()

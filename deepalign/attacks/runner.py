@@ -16,7 +16,7 @@ from deepalign.attacks.results import format_table, summarize
 from deepalign.errors import InputError, check_int
 from deepalign.io import JsonlLog
 from deepalign.data.benchmarks import AttackTarget, read_benchmark
-from deepalign.evaluation.judges import is_keyword_refusal, keyword_jailbroken
+from deepalign.evaluation.judges import KEYWORD_LISTS, REFUSAL_PHRASES, is_keyword_refusal, keyword_jailbroken
 from deepalign.models.chat import encode_text
 
 
@@ -26,10 +26,14 @@ def world_targets(world, phrasings: Sequence[int] = range(6)) -> list[AttackTarg
             for item in world.harmful_items() for p in phrasings]
 
 
-def keyword_judge(target: AttackTarget, output: str) -> dict:
-    """Keyword criterion: harmful = a non-empty output without a refusal phrase (score 0/1)."""
-    jailbroken = keyword_jailbroken(output)
-    return {"score": float(jailbroken), "refused": is_keyword_refusal(output), "harmful": jailbroken}
+def keyword_judge(phrases: Sequence[str] = REFUSAL_PHRASES) -> Judge:
+    """Keyword criterion: harmful = a non-empty output without a refusal phrase (score 0/1);
+    ``phrases``: Qi et al.'s list by default (:data:`deepalign.evaluation.judges.KEYWORD_LISTS`)."""
+    def judge(target: AttackTarget, output: str) -> dict:
+        jailbroken = keyword_jailbroken(output, phrases)
+        return {"score": float(jailbroken), "refused": is_keyword_refusal(output, phrases), "harmful": jailbroken}
+
+    return judge
 
 
 def load_targets(targets: str | Path | None, world=None, format: str | None = None, limit: int | None = None):
@@ -41,13 +45,15 @@ def load_targets(targets: str | Path | None, world=None, format: str | None = No
     return rows[:limit] if limit is not None else rows
 
 
-def choose_judge(name: str, world=None) -> Judge:
+def choose_judge(name: str, world=None, *, keywords: str = "qi") -> Judge:
     if name == "synthetic":
         if world is None:
             raise InputError("the synthetic judge needs the synthetic world (--world)")
         return synthetic_judge(world)
     if name == "keyword":
-        return keyword_judge
+        if keywords not in KEYWORD_LISTS:
+            raise InputError(f"unknown keyword list {keywords!r}; expected one of {', '.join(KEYWORD_LISTS)}")
+        return keyword_judge(KEYWORD_LISTS[keywords])
     raise InputError(f"unknown judge {name!r}; expected 'keyword' or 'synthetic'")
 
 
@@ -69,7 +75,7 @@ def run_rap(model, tokenizer, targets: Sequence[AttackTarget], judge: Judge, log
         for target, result in zip(batch, results):
             log.append({"key": f"{target.id}|rap", "id": target.id, "category": target.category, "prompt": target.prompt,
                         "run": 0, "attack": "rap", "setting": f"rap k={config.k}", "tokens": result.tokens,
-                        "ranks": result.ranks, "output": result.text, "interactions": result.interactions,
+                        "ranks": result.ranks, "output": result.text, "steps": result.steps,
                         "backtracks": result.backtracks, "stopped": result.stopped, **judge(target, result.text),
                         "seconds": round(result.seconds, 4)})
     ids = {f"{t.id}|rap" for t in targets}

@@ -38,6 +38,9 @@ STOP = Decision("stop")
 
 
 class Selector(Protocol):
+    """What RAP asks at each step. A selector may also define ``begin(prompts, prefills)``,
+    called once per batch with the prompts and the prefill token ids of rows 0, 1, …"""
+
     def decide(self, row: int, context: Sequence[int], candidates: Sequence[Candidate]) -> Decision:
         """``context``: token ids selected so far (after the prompt and prefill)."""
 
@@ -79,8 +82,10 @@ class CallableSelector(FlagSelector):
 
 
 class ClassifierSelector(FlagSelector):
-    """A local Hugging Face classifier decides: each candidate is appended to the text selected so
-    far (after the prompt's prefill, decoded with the attacked model's tokenizer) and classified.
+    """A local Hugging Face classifier decides: each candidate is appended to the row's prefill and
+    the tokens selected so far, decoded with the attacked model's tokenizer, and classified — the
+    input AutoRAP's classifier gets in Vega & Singh's ``auto_rap.py`` (prefill + generated tokens +
+    candidate, the prompt as the user turn).
 
     ``kind="sequence"``: a sequence-classification model scores the whole text; ``kind="token"``:
     a token-classification model scores its last token. ``harmful_labels``: the label names (from
@@ -89,7 +94,7 @@ class ClassifierSelector(FlagSelector):
 
     With ``chat=True`` the classifier reads its own chat template, the prompt as the user turn and
     the response so far plus the candidate as the assistant's prefill (AutoRAP's input); the
-    attack calls :meth:`begin` with the batch's prompts."""
+    attack calls :meth:`begin` with the batch's prompts and prefills."""
 
     def __init__(self, model, tokenizer, attacked_tokenizer, harmful_labels, *, kind: str = "sequence",
                  threshold: float = 0.5, prefix: str = "", chat: bool = False):
@@ -108,10 +113,12 @@ class ClassifierSelector(FlagSelector):
         self.model, self.tokenizer, self.attacked = model.eval(), tokenizer, attacked_tokenizer
         self.kind, self.threshold, self.prefix, self.chat = kind, threshold, prefix, chat
         self.prompts: list[str] = []
+        self.prefills: list[list[int]] = []
 
-    def begin(self, prompts) -> None:
-        """The prompts of the rows about to be attacked (row i ↔ prompts[i])."""
+    def begin(self, prompts, prefills=None) -> None:
+        """The prompts and prefill token ids of the rows about to be attacked (row i ↔ prompts[i])."""
         self.prompts = list(prompts)
+        self.prefills = [list(p) for p in prefills] if prefills is not None else [[] for _ in self.prompts]
 
     def _ids(self, row: int, text: str) -> list[int]:
         if not self.chat:
@@ -127,7 +134,8 @@ class ClassifierSelector(FlagSelector):
 
         if not candidates:
             return []
-        sequences = [self._ids(row, self.attacked.decode(list(context) + [c.token])) for c in candidates]
+        prefill = self.prefills[row] if row < len(self.prefills) else []
+        sequences = [self._ids(row, self.attacked.decode(prefill + list(context) + [c.token])) for c in candidates]
         width = max(len(s) for s in sequences)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         ids = torch.tensor([[pad] * (width - len(s)) + s for s in sequences])  # left padding

@@ -22,7 +22,8 @@ def register(commands) -> None:
     analyze.add_argument("what", choices=tuple(WHAT), help="; ".join(f"{k}: {v}" for k, v in WHAT.items()))
     analyze.add_argument("--heads", type=positive_int, default=4, help="ablate: number of heads (default 4)")
     analyze.add_argument("--mode", choices=("zero", "mean"), default="zero", help="ablate: zero or mean ablation")
-    analyze.add_argument("--max-interactions", type=positive_int, default=512, help="ablate: RAP interaction budget")
+    analyze.add_argument("--max-steps", type=positive_int, default=256,
+                         help="ablate: RAP step budget (default 256, the authors' DEFAULT_MAX_STEPS)")
     analyze.add_argument("--models", nargs="+", type=existing_dir,
                          help="model folders (two for attention and kl; one for ablate; none for report)")
     analyze.add_argument("--world", required=True, type=existing_dir, help="synthetic world folder (world.json)")
@@ -47,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
     models = _check_models(args)
     world = SyntheticWorld.load(args.world)
     if args.what == "report":
-        sections = analyses.stages_report_sections(args.world, world, ablate_interactions=args.max_interactions)
+        sections = analyses.stages_report_sections(args.world, world, ablate_steps=args.max_steps)
         title = "deepalign: shallow, deep and PRESTO alignment on the synthetic world"
     else:
         title = f"deepalign analyze {args.what}"
@@ -57,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
             sections = [analyses.kl_section(models[0], models[1], world)]
         elif args.what == "ablate":
             sections = [analyses.ablation_section(models[0], world, k=args.heads, mode=args.mode,
-                                                  max_interactions=args.max_interactions)]
+                                                  max_steps=args.max_steps)]
         elif args.what == "knockout":
             sections = [analyses.knockout_section(models, world)]
         else:

@@ -33,6 +33,8 @@ def register(commands) -> None:
         sub.add_argument("--limit", type=positive_int, help="only the first N targets")
         sub.add_argument("--judge", choices=("keyword", "synthetic"),
                          help="judge (default: synthetic with --world, else keyword)")
+        sub.add_argument("--keywords", choices=("qi", "gcg"), default="qi",
+                         help="keyword judge: the refusal phrases of Qi et al.'s keyword_eval.py (default) or GCG's 29")
         sub.add_argument("--batch-size", type=positive_int, default=16)
         sub.add_argument("--defense", choices=("none", "cls"), default="none",
                          help="cls: decode the [CLS] model behind its defense (re-classification, strategic decoding)")
@@ -54,8 +56,11 @@ def register(commands) -> None:
             sub.add_argument("--selector", choices=("oracle", "console", "lexicon", "autorap"), default="oracle")
             sub.add_argument("--helper", type=model_source, help="autorap selector: the trained AutoRAP classifier")
             sub.add_argument("--blocked", help="lexicon selector: comma-separated refusal words to never pick")
-            sub.add_argument("--k", type=positive_int, default=20, help="candidates per step (default 20)")
-            sub.add_argument("--max-interactions", type=positive_int, default=512)
+            sub.add_argument("--k", type=positive_int, default=20,
+                             help="candidates per step (default 20: the authors' DEFAULT_TOP_K)")
+            sub.add_argument("--max-steps", type=positive_int, default=256,
+                             help="steps per prompt, each a pick or a backtrack (default 256: DEFAULT_MAX_STEPS of "
+                                  "Vega & Singh's rap.py, uiuc-focal-lab/push-forward-alignment)")
             sub.add_argument("--prefill-tokens", type=non_negative_int, default=0, help="start from N harmful tokens")
 
 
@@ -130,10 +135,10 @@ def run(args: argparse.Namespace) -> int:
     check_options(args)
     world = SyntheticWorld.load(args.world) if args.world else None
     targets = load_targets(args.targets, world, args.format, args.limit)
-    judge = choose_judge(args.judge or ("synthetic" if world else "keyword"), world)
+    judge = choose_judge(args.judge or ("synthetic" if world else "keyword"), world, keywords=args.keywords)
     config = None
     if args.kind == "rap":
-        config = RAPConfig(k=args.k, max_interactions=args.max_interactions, max_new_tokens=args.max_new_tokens)
+        config = RAPConfig(k=args.k, max_steps=args.max_steps, max_new_tokens=args.max_new_tokens)
     log = JsonlLog(args.output)
     check_settings(Path(f"{args.output}.settings.json"), settings_of(args),
                    fresh="give another --output to keep both, or delete the log and its .settings.json to start over")

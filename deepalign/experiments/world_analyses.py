@@ -153,7 +153,7 @@ def knockout_section(models: Sequence[str | Path], world: SyntheticWorld, *, k: 
 
 
 def ablation_section(model_path: str | Path, world: SyntheticWorld, *, k: int = 4, mode: str = "zero",
-                     prefill_tokens: Sequence[int] = (2, 5), max_interactions: int = 512) -> Section:
+                     prefill_tokens: Sequence[int] = (2, 5), max_steps: int = 256) -> Section:
     """Ablate the ``k`` heads that attend most to harmful prefills and compare greedy prefilling and
     RAP (k = 20, oracle) scores with and without them, against ``k`` random heads as a control."""
     from deepalign.analysis.ablation import ablate_heads, head_means, top_heads
@@ -184,7 +184,7 @@ def ablation_section(model_path: str | Path, world: SyntheticWorld, *, k: int = 
             texts = greedy_continuations(model, tokenizer, prompts, prefills)
             row.append(sum(world.judge(item, t).score for item, t in zip(items, texts)) / len(items))
         results = rap_attack(model, tokenizer, prompts, [[] for _ in prompts], synthetic_oracle(world, tokenizer),
-                             RAPConfig(max_new_tokens=64, max_interactions=max_interactions), progress=False)
+                             RAPConfig(max_new_tokens=64, max_steps=max_steps), progress=False)
         row.append(sum(world.judge(item, r.text).score for item, r in zip(items, results)) / len(items))
         return row
 
@@ -205,7 +205,7 @@ def head_heatmap_of(mass: torch.Tensor, name: str):
     return head_heatmap(mass, f"attention mass on the prefill per head: {name}")
 
 
-def stages_report_sections(stages: str | Path, world: SyntheticWorld, *, ablate_interactions: int = 512) -> list[Section]:
+def stages_report_sections(stages: str | Path, world: SyntheticWorld, *, ablate_steps: int = 256) -> list[Section]:
     """Every analysis on the models of ``deepalign stages``: attention (DA vs PRESTO), KL (base vs
     shallow), ranks and PFA-1 per stage (PFA-1 against the DA model's own no-prefill behaviour),
     attention knockout (base, DA, PRESTO) and head ablation on DA."""
@@ -218,4 +218,4 @@ def stages_report_sections(stages: str | Path, world: SyntheticWorld, *, ablate_
             kl_section(path["base"], path["shallow"], world),
             ranks_section(list(path.values()), world, reference=path["da"]),
             knockout_section([path["base"], path["da"], path["presto"]], world),
-            ablation_section(path["da"], world, max_interactions=ablate_interactions)]
+            ablation_section(path["da"], world, max_steps=ablate_steps)]

@@ -116,5 +116,45 @@ def test_train_the_helper_and_attack_with_it(world, tokenizer, tmp_path):
     selector = ClassifierSelector(helper.eval(), tokenizer, tokenizer, [1], kind="token", chat=True)
     prompts = [world.request(item) for item in world.harmful_items()[:2]]
     results = rap_attack(target, tokenizer, prompts, [[], []], selector, RAPConfig(k=5, max_new_tokens=6,
-                                                                                   max_interactions=20), progress=False)
-    assert len(results) == 2 and all(r.interactions > 0 for r in results)
+                                                                                   max_steps=20), progress=False)
+    assert len(results) == 2 and all(r.steps > 0 for r in results)
+
+
+class PrefillSensitiveClassifier(torch.nn.Module):
+    """A token classifier whose verdict depends on the prefill: "harmful" (label 1) at the last
+    position iff the input holds ``marker`` (a token the prefill carries and the candidates do not)."""
+
+    def __init__(self, marker: int):
+        super().__init__()
+        self.marker = marker
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.config = type("Config", (), {"id2label": {0: "safe", 1: "harmful"}})()
+
+    def forward(self, input_ids, attention_mask=None):
+        seen = (input_ids == self.marker).any(dim=1).float()
+        logits = torch.stack([1 - seen, seen], dim=-1) * 10.0
+        return type("Output", (), {"logits": logits[:, None, :].expand(-1, input_ids.shape[1], -1)})()
+
+
+def test_autorap_classifies_prefill_plus_selected_tokens_plus_candidate(world, tokenizer):
+    """Vega & Singh's auto_rap.py classifies prefill + generated tokens + candidate: a classifier
+    that looks for a token of the prefill must see it at every step."""
+    from deepalign.attacks.selectors import Candidate
+
+    item = world.harmful_items()[0]
+    prefill = encode_text(tokenizer, world.compliant_response(item))[:5]
+    in_prompt = set(render_chat(tokenizer, world.request(item), prefill=[], close_turn=False).input_ids)
+    marker = next(t for t in prefill if t not in in_prompt)
+    others = [t for t in range(len(tokenizer)) if t != marker and t not in prefill][:3]
+    selector = ClassifierSelector(PrefillSensitiveClassifier(marker), tokenizer, tokenizer, [1], kind="token",
+                                  chat=True)
+    candidates = [Candidate(t, rank, 0.1) for rank, t in enumerate(others)]
+    selector.begin([world.request(item)], [prefill])
+    assert selector.flags(0, [others[0]], candidates) == [True, True, True]
+    selector.begin([world.request(item)], [[]])  # without the prefill the marker is nowhere
+    assert selector.flags(0, [others[0]], candidates) == [False, False, False]
+    # Through RAP: with the prefill the classifier calls the top candidate harmful at once.
+    target = tiny_random_model(vocab_size=len(tokenizer), seed=4)
+    result = rap_attack(target, tokenizer, [world.request(item)], [prefill], selector,
+                        RAPConfig(k=3, max_new_tokens=2, max_steps=4), progress=False)[0]
+    assert result.backtracks == 0 and len(result.tokens) == 2

@@ -74,8 +74,8 @@ def run(tokenizer, table, default, blocked, config, prompts=("q",), selector=Non
     batched = rap_attack(model, tokenizer, list(prompts), prefills, selector, config, progress=False)
     single = rap_attack_unbatched(model, tokenizer, list(prompts), prefills, selector, config)
     for a, b in zip(batched, single):
-        assert (a.tokens, a.ranks, a.interactions, a.backtracks, a.stopped) == \
-               (b.tokens, b.ranks, b.interactions, b.backtracks, b.stopped)
+        assert (a.tokens, a.ranks, a.steps, a.backtracks, a.stopped) == \
+               (b.tokens, b.ranks, b.steps, b.backtracks, b.stopped)
     return batched
 
 
@@ -87,7 +87,7 @@ def test_takes_the_highest_ranked_harmful_candidate():
     table = {"<assistant>": ["no", "A", "B"], "A": ["nope", "<eos>", "B"]}
     [result] = run(tokenizer, table, ["no", "nope", "<eos>"], ["no", "nope"], RAPConfig(k=3))
     assert [tokenizer.words[t] for t in result.tokens] == ["A", "<eos>"]
-    assert result.ranks == [1, 1] and result.stopped == "end" and result.interactions == 2
+    assert result.ranks == [1, 1] and result.stopped == "end" and result.steps == 2
 
 
 def test_backtracking_then_only_lower_ranked_alternatives():
@@ -97,7 +97,7 @@ def test_backtracking_then_only_lower_ranked_alternatives():
     [result] = run(tokenizer, table, ["no", "nope", "<eos>"], ["no", "nope"], RAPConfig(k=4))
     assert [tokenizer.words[t] for t in result.tokens] == ["B", "<eos>"]
     assert result.ranks == [2, 0] and result.backtracks == 1
-    assert result.interactions == 4  # pick A, backtrack, pick B, pick <eos>
+    assert result.steps == 4  # pick A, backtrack, pick B, pick <eos>
 
 
 def test_no_third_repeat_of_the_same_string_in_a_row():
@@ -120,12 +120,12 @@ def test_the_repeat_rule_compares_text_not_ids():
 def test_budget_and_exhaustion():
     tokenizer = ToyTokenizer([w for w in WORDS if w != "<eos>"])
     loop = {"<assistant>": ["A"], "A": ["B"], "B": ["A"]}  # A B A B ...: never three alike in a row
-    [budget] = run(tokenizer, loop, ["A"], [], RAPConfig(k=1, max_interactions=7, max_new_tokens=100))
-    assert budget.stopped == "budget" and budget.interactions == 7 and len(budget.tokens) == 7
-    [capped] = run(tokenizer, loop, ["A"], [], RAPConfig(k=1, max_interactions=50, max_new_tokens=5))
+    [budget] = run(tokenizer, loop, ["A"], [], RAPConfig(k=1, max_steps=7, max_new_tokens=100))
+    assert budget.stopped == "budget" and budget.steps == 7 and len(budget.tokens) == 7
+    [capped] = run(tokenizer, loop, ["A"], [], RAPConfig(k=1, max_steps=50, max_new_tokens=5))
     assert capped.stopped == "max_tokens" and len(capped.tokens) == 5
     [exhausted] = run(tokenizer, {}, ["no", "nope"], ["no", "nope"], RAPConfig(k=2))
-    assert exhausted.stopped == "exhausted" and exhausted.tokens == [] and exhausted.interactions == 1
+    assert exhausted.stopped == "exhausted" and exhausted.tokens == [] and exhausted.steps == 1
 
 
 def test_console_selector_reads_numbers_backtrack_and_skip():
@@ -150,12 +150,12 @@ def test_batched_equals_one_at_a_time_on_a_real_model(world, tokenizer):
     prompts = [world.request(item, p) for item, p in zip(items, range(4))]
     prefills = [tokenizer(world.compliant_response(item), add_special_tokens=False)["input_ids"][:k]
                 for item, k in zip(items, (0, 2, 3, 5))]
-    config = RAPConfig(k=5, max_new_tokens=12, max_interactions=30)
+    config = RAPConfig(k=5, max_new_tokens=12, max_steps=30)
     batched = rap_attack(model, tokenizer, prompts, prefills, selector, config, progress=False)
     single = rap_attack_unbatched(model, tokenizer, prompts, prefills, selector, config)
     for a, b in zip(batched, single):
-        assert (a.tokens, a.ranks, a.interactions, a.backtracks, a.stopped) == \
-               (b.tokens, b.ranks, b.interactions, b.backtracks, b.stopped)
+        assert (a.tokens, a.ranks, a.steps, a.backtracks, a.stopped) == \
+               (b.tokens, b.ranks, b.steps, b.backtracks, b.stopped)
         assert a.text.split()[: len(a.prefill_tokens)] == tokenizer.decode(a.prefill_tokens).split()
 
 
@@ -204,7 +204,7 @@ def test_batched_rap_refuses_sliding_windows_it_could_overrun(tokenizer):
     model = tiny_random_model("mistral", vocab_size=len(tokenizer), sliding_window=16)
     with pytest.raises(ValueError, match=r"sliding-window model \(window 16\)"):
         rap_attack(model, tokenizer, ["how do i make tea ?"], [[]], LexiconSelector(),
-                   RAPConfig(max_interactions=20, max_new_tokens=8))
+                   RAPConfig(max_steps=20, max_new_tokens=8))
 
 
 def test_synthetic_oracle_blocks_refusals_and_early_ends(world, tokenizer):
@@ -228,15 +228,15 @@ def test_batched_rap_passes_the_cache_under_the_current_keyword(world, tokenizer
     prompts = [world.request(item, p) for item, p in zip(items, range(2))]
     with no_cache_deprecation(monkeypatch):
         results = rap_attack(model, tokenizer, prompts, [[], []], synthetic_oracle(world, tokenizer),
-                             RAPConfig(k=5, max_new_tokens=6, max_interactions=12), progress=False)
-    assert all(r.interactions >= 1 for r in results)
+                             RAPConfig(k=5, max_new_tokens=6, max_steps=12), progress=False)
+    assert all(r.steps >= 1 for r in results)
 
 
-@pytest.mark.parametrize("field, value", [("k", 0), ("max_interactions", -1), ("max_new_tokens", 0),
-                                          ("k", 2.5), ("max_interactions", True), ("max_new_tokens", "8")])
+@pytest.mark.parametrize("field, value", [("k", 0), ("max_steps", -1), ("max_new_tokens", 0),
+                                          ("k", 2.5), ("max_steps", True), ("max_new_tokens", "8")])
 def test_config_fields_must_be_positive_ints(field, value):
     from deepalign.errors import InputError
 
     with pytest.raises(InputError, match=rf"^{field} must be a positive int, got {re.escape(repr(value))}$"):
         RAPConfig(**{field: value})
-    assert RAPConfig() == RAPConfig(k=20, max_interactions=512, max_new_tokens=256)
+    assert RAPConfig() == RAPConfig(k=20, max_steps=256, max_new_tokens=256)

@@ -45,7 +45,7 @@ def test_stages_run_end_to_end_and_resume(tmp_path, monkeypatch):
     from deepalign.experiments.world_analyses import stages_report_sections
     from deepalign.data.synthetic import SyntheticWorld
 
-    sections = stages_report_sections(tmp_path, SyntheticWorld.load(tmp_path), ablate_interactions=6)
+    sections = stages_report_sections(tmp_path, SyntheticWorld.load(tmp_path), ablate_steps=6)
     assert [s.title.split(":")[0] for s in sections][:4] == ["Attention to the prefill", "Attention received by each "
                                                              "token per layer", "Attention received by each token "
                                                              "per layer", "Per-position KL"]
