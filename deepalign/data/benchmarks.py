@@ -30,13 +30,24 @@ from deepalign.io import iter_jsonl, read_csv, read_text
 
 @dataclass(frozen=True)
 class AttackTarget:
-    """A harmful prompt to attack: its id, text, a harmful response (the source of prefills) and
-    a category for per-category tables."""
+    """A harmful prompt to attack.
+
+    ``id``: unique within its file; ``prompt``: the text the attacked model gets as the user turn;
+    ``harmful_response``: a harmful answer (the source of token prefills, Qi et al.'s harmful-prefix
+    protocol); ``category``: for per-category tables; ``behavior`` and ``context``: HarmBench's
+    behaviour string and context string, kept apart for its classifier (``prompt`` joins them the
+    way HarmBench builds a contextual test case); ``functional_category``: HarmBench's
+    (``standard``, ``contextual``, ``copyright``); ``prefill``: a text prefill given with the prompt
+    (the authors' ``prompt,prefill`` CSV)."""
 
     id: str
     prompt: str
     harmful_response: str = ""
     category: str = ""
+    behavior: str = ""
+    context: str = ""
+    functional_category: str = ""
+    prefill: str = ""
 
 
 def _csv_rows(path: Path, required: tuple[str, ...]) -> Iterator[tuple[int, int, dict]]:
