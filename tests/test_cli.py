@@ -281,3 +281,11 @@ def test_judge_with_a_finetuned_evaluator(tmp_path, capsys):
     refused(capsys, ["judge", "--results", str(results), "--output", str(tmp_path / "k.jsonl"), "--judge",
                      "finetuned-local", "--judge-path", str(tmp_path / "judge"), "--judge-template", str(template)],
             r"needs the placeholder\(s\) \{forbidden_prompt\}, \{response\}")
+
+
+def test_a_prefill_attack_without_prefills_is_refused_before_the_model_loads(files, capsys, monkeypatch):
+    monkeypatch.chdir(files)
+    (files / "prompts.txt").write_text("a harmful request\n")
+    # "m" is an empty folder, not a model: the refusal must come before any loading.
+    refused(capsys, ["attack", "prefill", "--model", "m", "--output", "o.jsonl", "--targets", "prompts.txt"],
+            r"target 'prompts-1' has no prefill and no harmful response to prefill from; give a text prefill")

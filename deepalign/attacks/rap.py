@@ -160,15 +160,17 @@ def _result(row: _Row, prompt: str, prefill: list[int], tokenizer, seconds: floa
 
 @torch.no_grad()
 def rap_attack(model, tokenizer, prompts: Sequence[str], prefills: Sequence[Sequence[int]], selector: Selector,
-               config: RAPConfig = RAPConfig(), *, progress: bool = True) -> list[RAPResult]:
-    """RAP on a batch of prompts with one KV cache; see the module docstring."""
+               config: RAPConfig = RAPConfig(), *, progress: bool = True, system: str | None = None) -> list[RAPResult]:
+    """RAP on a batch of prompts with one KV cache; see the module docstring. ``system``: a system
+    prompt (default: the chat template's own)."""
     if len(prompts) != len(prefills):
         raise InputError(f"prompts ({len(prompts)}) and prefills ({len(prefills)}) must have the same length")
     started = time.perf_counter()
     if hasattr(selector, "begin"):
         selector.begin(prompts, [list(f) for f in prefills])
     device = next(model.parameters()).device
-    examples = [render_chat(tokenizer, p, prefill=list(f), close_turn=False) for p, f in zip(prompts, prefills)]
+    examples = [render_chat(tokenizer, p, prefill=list(f), close_turn=False, system=system)
+                for p, f in zip(prompts, prefills)]
     context = max((getattr(model.config, "max_position_embeddings", None) or 10**9), 1)
     longest = max(len(e) for e in examples)
     if longest + config.max_new_tokens > context:
@@ -228,7 +230,8 @@ def rap_attack(model, tokenizer, prompts: Sequence[str], prefills: Sequence[Sequ
 @torch.no_grad()
 def rap_attack_unbatched(model, tokenizer, prompts: Sequence[str], prefills: Sequence[Sequence[int]],
                          selector: Selector, config: RAPConfig = RAPConfig(), *,
-                         next_logits: Callable[[str, list[int]], torch.Tensor] | None = None) -> list[RAPResult]:
+                         next_logits: Callable[[str, list[int]], torch.Tensor] | None = None,
+                         system: str | None = None) -> list[RAPResult]:
     """The same algorithm one prompt at a time, recomputing the whole sequence at every step.
 
     ``next_logits(prompt, prefill_tokens) -> [V]`` replaces the model as the oracle RAP queries:
@@ -241,7 +244,7 @@ def rap_attack_unbatched(model, tokenizer, prompts: Sequence[str], prefills: Seq
     results = []
     for index, (prompt, prefill) in enumerate(zip(prompts, prefills)):
         started = time.perf_counter()
-        base = list(render_chat(tokenizer, prompt, prefill=list(prefill), close_turn=False).input_ids)
+        base = list(render_chat(tokenizer, prompt, prefill=list(prefill), close_turn=False, system=system).input_ids)
         row = _Row(index, prefix_tail=base[-2:])
 
         def next_candidates(selected, prompt=prompt, prefill=list(prefill)):

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-from deepalign.attacks.generation_attacks import Judge, synthetic_judge
+from deepalign.attacks.generation_attacks import Judge, harmful_prefix, record_key, synthetic_judge, target_fields
 from deepalign.attacks.rap import RAPConfig, rap_attack
 from deepalign.attacks.results import format_table, summarize
 from deepalign.errors import InputError, check_int
@@ -59,27 +59,36 @@ def choose_judge(name: str, world=None, *, keywords: str = "qi") -> Judge:
 
 def run_rap(model, tokenizer, targets: Sequence[AttackTarget], judge: Judge, log: JsonlLog, selector,
             config: RAPConfig, *, prefill_tokens: int = 0, batch_size: int = 16, progress: bool = True,
-            attack=None) -> list[dict]:
+            attack=None, tags: dict | None = None) -> list[dict]:
     """RAP on every target not yet in ``log`` (batches of ``batch_size``), one record each.
     ``attack(prompts, prefills, selector, config)`` replaces the batched attack on the plain model
     (e.g. :func:`deepalign.attacks.defended.cls_rap` for a model behind the [CLS] defense)."""
     check_int("batch_size", batch_size)
     check_int("prefill_tokens", prefill_tokens, minimum=0)
-    todo = [t for t in targets if f"{t.id}|rap" not in log]
+    key = {t.id: record_key(tags, f"{t.id}|rap") for t in targets}
+    todo = [t for t in targets if key[t.id] not in log]
     for start in range(0, len(todo), batch_size):
         batch = todo[start:start + batch_size]
-        prefills = [encode_text(tokenizer, t.harmful_response)[:prefill_tokens] for t in batch]
+        prefills = [rap_prefill(tokenizer, t, prefill_tokens) for t in batch]
         prompts = [t.prompt for t in batch]
         results = attack(prompts, prefills, selector, config) if attack is not None else \
             rap_attack(model, tokenizer, prompts, prefills, selector, config, progress=progress)
         for target, result in zip(batch, results):
-            log.append({"key": f"{target.id}|rap", "id": target.id, "category": target.category, "prompt": target.prompt,
-                        "run": 0, "attack": "rap", "setting": f"rap k={config.k}", "tokens": result.tokens,
+            log.append({"key": key[target.id], "id": target.id, "category": target.category, "prompt": target.prompt,
+                        **target_fields(target), **(tags or {}), "run": 0, "attack": "rap", "setting": f"rap k={config.k}", "tokens": result.tokens,
                         "ranks": result.ranks, "output": result.text, "steps": result.steps,
                         "backtracks": result.backtracks, "stopped": result.stopped, **judge(target, result.text),
                         "seconds": round(result.seconds, 4)})
-    ids = {f"{t.id}|rap" for t in targets}
-    return [r for r in log.records() if r["key"] in ids]
+    keys = set(key.values())
+    return [r for r in log.records() if r["key"] in keys]
+
+
+def rap_prefill(tokenizer, target: AttackTarget, prefill_tokens: int) -> list[int]:
+    """Where RAP starts: the target's text prefill (the authors' RAP data), else the first
+    ``prefill_tokens`` tokens of its harmful response (none by default)."""
+    if target.prefill:
+        return encode_text(tokenizer, target.prefill)
+    return harmful_prefix(tokenizer, target.harmful_response, prefill_tokens) if prefill_tokens else []
 
 
 def summary(records: list[dict], by: Sequence[str] = ("setting", "category")) -> str:

@@ -5,10 +5,12 @@ with settings that change the outputs is refused)."""
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 from pathlib import Path
 
 from deepalign.cli.args import (existing_dir, existing_file, int_in, model_source, non_negative_int, output_file,
                                 positive_float, positive_int, probability)
+from deepalign.attacks.generation_attacks import DECODING_FAMILIES
 from deepalign.errors import InputError
 
 # Options that only say how much to run or how to batch: a rerun may change them and extend the log.
@@ -45,13 +47,22 @@ def register(commands) -> None:
         sub.add_argument("--lead-in", help="cls defense: refusal lead-in (default: the paper's, or the world's)")
         sub.add_argument("--max-new-tokens", type=positive_int, default=MAX_NEW_TOKENS[kind],
                          help=f"tokens to generate after the prompt and prefill (default {MAX_NEW_TOKENS[kind]})")
+        add_prompt_options(sub)
         sub.set_defaults(run=run)
+        if kind in ("prefill", "rap"):
+            sub.add_argument("--prefill", help="a text prefill for every target (e.g. a refusal prefix for a base "
+                                               "model, Qi et al.'s Table 1); default: each target's own prefill, "
+                                               "else its harmful response's first tokens")
         if kind == "prefill":
             sub.add_argument("--lengths", type=non_negative_int, nargs="+", default=[5, 10, 20, 40],
                              help="prefill lengths in tokens (default 5 10 20 40)")
             sub.add_argument("--runs", type=positive_int, default=1, help="sampled runs per prompt and length")
             sub.add_argument("--temperature", type=positive_float, default=0.9)
             sub.add_argument("--top-p", type=probability, default=0.6)
+        if kind == "decoding":
+            sub.add_argument("--families", nargs="+", choices=DECODING_FAMILIES, default=list(DECODING_FAMILIES),
+                             help="which parts of the grid (default all: greedy + 20 temperatures + 20 top-p + "
+                                  "9 top-k = 50 settings, Huang et al.)")
         if kind == "rap":
             sub.add_argument("--selector", choices=("oracle", "console", "lexicon", "autorap"), default="oracle")
             sub.add_argument("--helper", type=model_source, help="autorap selector: the trained AutoRAP classifier")
@@ -62,6 +73,28 @@ def register(commands) -> None:
                              help="steps per prompt, each a pick or a backtrack (default 256: DEFAULT_MAX_STEPS of "
                                   "Vega & Singh's rap.py, uiuc-focal-lab/push-forward-alignment)")
             sub.add_argument("--prefill-tokens", type=non_negative_int, default=0, help="start from N harmful tokens")
+
+
+def add_prompt_options(parser) -> None:
+    """How prompts reach the model: system prompt and chat template (every command that loads one)."""
+    parser.add_argument("--system", help="system prompt (default: the chat template's own default)")
+    parser.add_argument("--chat-template", help="'plain' for a base model without a chat template (system, user "
+                                                "and assistant text one after the other), or a Jinja template file")
+
+
+def apply_prompt_options(args: argparse.Namespace, tokenizer) -> None:
+    """Give the tokenizer the chosen template and check that prompts can be laid out with it."""
+    from deepalign.io import read_text
+    from deepalign.models.chat import set_chat_template, template_parts
+
+    if args.chat_template:
+        template = args.chat_template if args.chat_template == "plain" else read_text(args.chat_template,
+                                                                                     what="chat template file")
+        set_chat_template(tokenizer, template)
+    try:
+        template_parts(tokenizer, "x", args.system)
+    except ValueError as error:
+        raise InputError(f"{args.model}: {error}; for a base model give --chat-template plain") from None
 
 
 def settings_of(args: argparse.Namespace) -> dict:
@@ -124,8 +157,9 @@ def rap_selector(args: argparse.Namespace, world):
 
 
 def run(args: argparse.Namespace) -> int:
-    from deepalign.attacks.generation_attacks import decoding_attack, prefill_attack
-    from deepalign.attacks.rap import RAPConfig
+    from deepalign.attacks.generation_attacks import (decoding_attack, decoding_settings, plain_generate,
+                                                      prefill_attack, prefill_source)
+    from deepalign.attacks.rap import RAPConfig, rap_attack
     from deepalign.attacks.runner import choose_judge, load_targets, run_rap, summary
     from deepalign.data.synthetic import REFUSAL_LEAD_IN, SyntheticWorld
     from deepalign.io import JsonlLog, check_settings
@@ -135,6 +169,14 @@ def run(args: argparse.Namespace) -> int:
     check_options(args)
     world = SyntheticWorld.load(args.world) if args.world else None
     targets = load_targets(args.targets, world, args.format, args.limit)
+    prefill_text = getattr(args, "prefill", None)
+    if args.kind == "prefill":
+        for target in targets:  # every target has a prefill, before anything loads
+            prefill_source(target, prefill_text)
+    if args.kind == "rap" and prefill_text is not None:
+        targets = [replace(t, prefill=prefill_text) for t in targets]
+    apply_prompt_options(args, _tokenizer_of(args.model))
+    tags = {"source": Path(args.targets).name if args.targets else "world", "model": str(args.model)}
     judge = choose_judge(args.judge or ("synthetic" if world else "keyword"), world, keywords=args.keywords)
     config = None
     if args.kind == "rap":
@@ -152,25 +194,33 @@ def run(args: argparse.Namespace) -> int:
 
         model, tokenizer = load_safety_cls(args.model)
         lead_in = args.lead_in or (REFUSAL_LEAD_IN if world else DEFAULT_LEAD_IN)
+        apply_prompt_options(args, tokenizer)
         decoder = DefendedDecoder(model, tokenizer, StrategyConfig(schedule=args.schedule, tau=args.tau),
-                                  lead_in=lead_in)
+                                  lead_in=lead_in, system=args.system)
         generate, rap = cls_generate(decoder, progress=True), cls_rap(decoder)
     else:
         model, tokenizer = load_pretrained(args.model)
+        apply_prompt_options(args, tokenizer)
+        generate = plain_generate(model, tokenizer, args.system)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     if args.kind == "prefill":
-        records = prefill_attack(model, tokenizer, targets, judge, log, prefill_lengths=args.lengths, runs=args.runs,
+        records = prefill_attack(model, tokenizer, targets, judge, log, prefill_lengths=args.lengths,
+                                 prefill_text=prefill_text, runs=args.runs,
                                  sampling=Sampling(args.temperature, args.top_p, None, args.max_new_tokens),
-                                 batch_size=args.batch_size, generate=generate)
+                                 batch_size=args.batch_size, generate=generate, tags=tags)
     elif args.kind == "decoding":
-        broken = decoding_attack(model, tokenizer, targets, judge, log, max_new_tokens=args.max_new_tokens,
-                                 batch_size=args.batch_size, generate=generate)
+        broken = decoding_attack(model, tokenizer, targets, judge, log, settings=decoding_settings(args.families),
+                                 max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, generate=generate,
+                                 tags=tags)
         records = [r for r in log.records() if r["id"] in broken]
         print(f"broken by some decoding setting: {sum(broken.values())} of {len(broken)} prompts")
     else:
+        if rap is None:
+            def rap(prompts, prefills, selector, config):
+                return rap_attack(model, tokenizer, prompts, prefills, selector, config, system=args.system)
         records = run_rap(model, tokenizer, targets, judge, log, selector, config, prefill_tokens=args.prefill_tokens,
-                          batch_size=args.batch_size, attack=rap)
+                          batch_size=args.batch_size, attack=rap, tags=tags)
     print(summary(records))
     print(f"{len(records)} records in {args.output}")
     return 0

@@ -90,6 +90,21 @@ def _template_pieces(tokenizer, system: str | None) -> tuple[str, str, str]:
     return head, between, after
 
 
+# For base models (no chat template): the system prompt and the user's text each followed by a
+# blank line / a newline, then the assistant's text, with nothing around it.
+PLAIN_TEMPLATE = ("{% for message in messages %}{% if message['role'] == 'system' %}{{ message['content'] }}\n\n"
+                  "{% elif message['role'] == 'user' %}{{ message['content'] }}\n"
+                  "{% else %}{{ message['content'] }}{% endif %}{% endfor %}")
+
+
+def set_chat_template(tokenizer, template: str) -> None:
+    """Give ``tokenizer`` a chat template: ``"plain"`` (:data:`PLAIN_TEMPLATE`, for base models) or
+    the Jinja text of one. The spans are then checked once, so a template that does not reproduce
+    the contents verbatim is refused here, not in the middle of a run."""
+    tokenizer.chat_template = PLAIN_TEMPLATE if template == "plain" else template
+    _template_pieces(tokenizer, None)
+
+
 def encode_text(tokenizer, text: str) -> list[int]:
     """Token ids of ``text`` with no special tokens added (special tokens written in the text,
     such as a template's BOS, are still recognised)."""
