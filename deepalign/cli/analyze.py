@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from deepalign.cli.args import existing_dir, output_file, positive_int
+from deepalign.cli.args import existing_dir, existing_file, output_file, positive_int
 from deepalign.errors import InputError
 
 WHAT = {"attention": "per-head mass on prefills, A vs B",
@@ -26,7 +26,12 @@ def register(commands) -> None:
                          help="ablate: RAP step budget (default 256, the authors' DEFAULT_MAX_STEPS)")
     analyze.add_argument("--models", nargs="+", type=existing_dir,
                          help="model folders (two for attention and kl; one for ablate; none for report)")
-    analyze.add_argument("--world", required=True, type=existing_dir, help="synthetic world folder (world.json)")
+    analyze.add_argument("--world", type=existing_dir, help="synthetic world folder (world.json): its harmful requests")
+    analyze.add_argument("--targets", type=existing_file,
+                         help="or a benchmark file whose targets carry harmful responses or prefills (AdvBench, "
+                              "JailbreakBench, Harmful HEx-PHI, a prompt,prefill CSV); not for ablate and report")
+    analyze.add_argument("--format", help="benchmark format (default: guessed)")
+    analyze.add_argument("--limit", type=positive_int, help="only the first N targets of --targets")
     analyze.add_argument("--output", required=True, type=output_file, help="HTML report to write")
     analyze.set_defaults(run=run)
 
@@ -43,26 +48,33 @@ def _check_models(args: argparse.Namespace) -> list:
 def run(args: argparse.Namespace) -> int:
     from deepalign.analysis.report import write_report
     from deepalign.data.synthetic import SyntheticWorld
-    from deepalign.experiments import world_analyses as analyses
+    from deepalign.experiments import analyses
+    from deepalign.experiments.corpus import benchmark_corpus, world_corpus
 
     models = _check_models(args)
-    world = SyntheticWorld.load(args.world)
+    if (args.world is None) == (args.targets is None):
+        raise InputError("give either --world (a synthetic world) or --targets (a benchmark file), not both or neither")
+    if args.what in ("ablate", "report") and args.world is None:
+        raise InputError(f"analyze {args.what} needs --world (it uses the world's judge and RAP oracle)")
+    world = SyntheticWorld.load(args.world) if args.world else None
+    corpus = world_corpus(world, phrasings=(0,) if args.what == "ranks" else (0, 1)) if world else \
+        benchmark_corpus(args.targets, args.format, args.limit)
     if args.what == "report":
         sections = analyses.stages_report_sections(args.world, world, ablate_steps=args.max_steps)
         title = "deepalign: shallow, deep and PRESTO alignment on the synthetic world"
     else:
         title = f"deepalign analyze {args.what}"
         if args.what == "attention":
-            sections = analyses.attention_section(models[0], models[1], world)
+            sections = analyses.attention_section(models[0], models[1], corpus)
         elif args.what == "kl":
-            sections = [analyses.kl_section(models[0], models[1], world)]
+            sections = [analyses.kl_section(models[0], models[1], corpus)]
         elif args.what == "ablate":
             sections = [analyses.ablation_section(models[0], world, k=args.heads, mode=args.mode,
                                                   max_steps=args.max_steps)]
         elif args.what == "knockout":
-            sections = [analyses.knockout_section(models, world)]
+            sections = [analyses.knockout_section(models, corpus)]
         else:
-            sections = [analyses.ranks_section(models, world)]
+            sections = [analyses.ranks_section(models, corpus)]
     path = write_report(args.output, title, sections)
     for section in sections:
         print(f"== {section.title}")

@@ -197,7 +197,7 @@ def format_table(rows: list[dict]) -> str:
 def write_demo_report(output: str | Path, rows: list[dict], seed: int) -> Path:
     """``report.html``: the table, then every analysis on the models of ``seed``."""
     from deepalign.analysis.report import Section, write_report
-    from deepalign.experiments.world_analyses import stages_report_sections
+    from deepalign.experiments.analyses import stages_report_sections
 
     output = Path(output)
     folder = output / f"seed-{seed}"
@@ -205,9 +205,8 @@ def write_demo_report(output: str | Path, rows: list[dict], seed: int) -> Path:
         "Judge scores in [0, 1] (higher = more harmful content given), the share of requests broken by the "
         "decoding grid, and utility on benign requests. The cls row is the [CLS] model decoded behind its defense "
         "(annealing re-classification, strategic decoding), so every attack meets the defense.",
-        "PRESTO can only cut RAP where the harmful answer travels through the attention it takes away: 'Attention "
-        "to the prefill' below shows how much attention it took away per layer, 'Attention knockout' how much of "
-        "the harmful answer needs that attention in these models.",
+        "'Attention to the prefill' below gives the attention on the harmful prefill per layer for DA and PRESTO, "
+        "'Attention knockout' the share of the harmful answer that is still ranked first without it.",
         *[f"{row['model']}: held-out request classification accuracy {row[CLS_ACCURACY][0]:.3f} ± "
           f"{row[CLS_ACCURACY][1]:.3f}." for row in rows if CLS_ACCURACY in row]],
         table=[[row["model"], *[f"{row[m][0]:.3f} ± {row[m][1]:.3f}" for m in METRICS]] for row in rows],

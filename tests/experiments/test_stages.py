@@ -42,7 +42,7 @@ def test_stages_run_end_to_end_and_resume(tmp_path, monkeypatch):
 
     # The combined analysis report over the stage models (deepalign analyze report).
     from deepalign.analysis.report import write_report
-    from deepalign.experiments.world_analyses import stages_report_sections
+    from deepalign.experiments.analyses import stages_report_sections
     from deepalign.data.synthetic import SyntheticWorld
 
     sections = stages_report_sections(tmp_path, SyntheticWorld.load(tmp_path), ablate_steps=6)

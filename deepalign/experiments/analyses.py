@@ -1,4 +1,7 @@
-"""The analyses on synthetic-world models, as report sections (used by ``deepalign analyze``).
+"""The analyses, as report sections (used by ``deepalign analyze`` and the demo's report), on any
+:class:`~deepalign.experiments.corpus.HarmfulCorpus`: the synthetic world's harmful requests, or a
+benchmark file's targets with harmful responses. Sections state what was measured; they draw no
+conclusions the numbers might not bear.
 
 * :func:`attention_section`: per-head attention mass on harmful prefills, model A vs model B
   (e.g. DA vs DA + PRESTO), from TransformerLens hooks;
@@ -7,7 +10,9 @@
 * :func:`ranks_section`: along the harmful answers, the rank of the harmful token and of the best
   refusal token per position, for each model;
 * :func:`knockout_section`: how often the correct harmful token is ranked first or in the top 20 when
-  the answer may not read itself in the later layers, or in any layer (attention knockout), per model.
+  the answer may not read itself in the later layers, or in any layer (attention knockout), per model;
+* :func:`ablation_section` (synthetic world only: it needs the world's judge and RAP oracle):
+  prefilling and RAP scores with the top prefill-attending heads ablated.
 """
 
 from __future__ import annotations
@@ -22,20 +27,23 @@ from deepalign.analysis.continuations import continuation_ranks, per_position_kl
 from deepalign.analysis.figures import comparison_heatmaps, position_lines, token_layer_map
 from deepalign.analysis.knockout import knockout_ranks_over
 from deepalign.analysis.report import Section
-from deepalign.data.synthetic import REFUSALS, SyntheticWorld
+from deepalign.data.synthetic import SyntheticWorld
+from deepalign.experiments.corpus import HarmfulCorpus, world_corpus
 from deepalign.models.loading import load_pretrained
 
 
-def prefill_examples(world: SyntheticWorld, prefill_tokens: int = 6, continuation_tokens: int = 4,
-                     phrasings: Sequence[int] = (0, 1)) -> list[PrefillExample]:
-    """Harmful requests with the first ``prefill_tokens`` words of the harmful answer as prefill
-    and the next ``continuation_tokens`` words as the continuation whose queries are measured."""
+def prefill_examples(corpus: HarmfulCorpus, prefill_words: int = 6, continuation_words: int = 4) -> list[PrefillExample]:
+    """Each request with the first ``prefill_words`` words of its harmful answer as prefill and the
+    next ``continuation_words`` words as the continuation whose queries are measured (answers with
+    no word left for the continuation are skipped)."""
     examples = []
-    for item in world.harmful_items():
-        words = world.compliant_response(item).split()
-        for p in phrasings:
-            examples.append(PrefillExample(world.request(item, p), " ".join(words[:prefill_tokens]),
-                                           " ".join(words[prefill_tokens:prefill_tokens + continuation_tokens])))
+    for prompt, answer in corpus.pairs:
+        words = answer.split()
+        if len(words) > prefill_words:
+            examples.append(PrefillExample(prompt, " ".join(words[:prefill_words]),
+                                           " ".join(words[prefill_words:prefill_words + continuation_words])))
+    if not examples:
+        raise ValueError(f"{corpus.name}: no harmful answer is longer than {prefill_words} words")
     return examples
 
 
@@ -44,20 +52,17 @@ def _name(path: str | Path) -> str:
     return path.parent.name if path.name == "final" else path.name
 
 
-def attention_section(first: str | Path, second: str | Path, world: SyntheticWorld) -> list[Section]:
+def attention_section(first: str | Path, second: str | Path, corpus: HarmfulCorpus) -> list[Section]:
     """The comparison of per-head maps, then the attention each token receives per layer for one
     example, for each model."""
-    examples = prefill_examples(world)
+    examples = prefill_examples(corpus)
     bridges = [load_bridge(path) for path in (first, second)]
     maps = [prefill_mass_by_head(bridge, examples, progress=False) for bridge in bridges]
     names = (_name(first), _name(second))
     mean = [float(m.mean()) for m in maps]
     text = [f"Mean attention mass on the harmful prefill from the response positions, per layer and head, over "
-            f"{len(examples)} (request, prefill) pairs. Mean over heads: {names[0]} {mean[0]:.3f}, "
-            f"{names[1]} {mean[1]:.3f}."]
-    text.append("The table gives the mean over heads per layer. A penalty that asks harmful contexts alone to look "
-                "away can reach the later layers more easily than the first, which cannot yet tell a harmful context "
-                "from a benign one before it has attended.")
+            f"{len(examples)} (request, prefill) pairs from {corpus.name}. Mean over heads: {names[0]} {mean[0]:.3f}, "
+            f"{names[1]} {mean[1]:.3f}. The table gives the mean over heads per layer."]
     table = [[layer, *(f"{float(m[layer].mean()):.3f}" for m in maps)] for layer in range(maps[0].shape[0])]
     sections = [Section(f"Attention to the prefill: {names[0]} vs {names[1]}", text,
                         comparison_heatmaps(maps[0], maps[1], names), table=table,
@@ -78,10 +83,9 @@ def _padded(rows: list[torch.Tensor]) -> torch.Tensor:
     return out
 
 
-def kl_section(first: str | Path, second: str | Path, world: SyntheticWorld) -> Section:
+def kl_section(first: str | Path, second: str | Path, corpus: HarmfulCorpus) -> Section:
     (model_a, tok_a), (model_b, tok_b) = load_pretrained(first), load_pretrained(second)
-    rows = [per_position_kl(model_a, tok_a, model_b, tok_b, world.request(item, p), world.compliant_response(item))
-            for item in world.harmful_items() for p in (0, 1)]
+    rows = [per_position_kl(model_a, tok_a, model_b, tok_b, prompt, answer) for prompt, answer in corpus.pairs]
     values = _padded(rows)
     names = (_name(first), _name(second))
     first_tokens = torch.nanmean(values[:, :3]).item()
@@ -92,7 +96,7 @@ def kl_section(first: str | Path, second: str | Path, world: SyntheticWorld) -> 
                    position_lines({f"KL({names[0]}‖{names[1]})": values}, "per-position KL", yaxis="KL (nats)"))
 
 
-def ranks_section(models: Sequence[str | Path], world: SyntheticWorld, *, reference: str | Path | None = None,
+def ranks_section(models: Sequence[str | Path], corpus: HarmfulCorpus, *, reference: str | Path | None = None,
                   pfa_lengths: Sequence[int] = (1, 3, 6)) -> Section:
     """Ranks along harmful answers per model; with a ``reference`` model (e.g. the aligned model's
     own first-token behaviour, or a base model), also the mean PFA-1 after each prefill length."""
@@ -100,11 +104,10 @@ def ranks_section(models: Sequence[str | Path], world: SyntheticWorld, *, refere
     reference_model = load_pretrained(reference)[0] if reference is not None else None
     for path in models:
         model, tokenizer = load_pretrained(path)
-        refusal = sorted({tokenizer.convert_tokens_to_ids(w) for text in REFUSALS for w in text.format(item="x").split()
-                          if w in ("sorry", "cannot", "i")})
+        refusal = corpus.refusal_ids(tokenizer)
         harmful, refusing = [], []
-        for item in world.harmful_items():
-            profile = continuation_ranks(model, tokenizer, world.request(item), world.compliant_response(item), refusal)
+        for prompt, answer in corpus.pairs:
+            profile = continuation_ranks(model, tokenizer, prompt, answer, refusal)
             harmful.append(profile.harmful_rank)
             refusing.append(profile.refusal_rank)
         name = _name(path)
@@ -114,25 +117,23 @@ def ranks_section(models: Sequence[str | Path], world: SyntheticWorld, *, refere
         row = [name, f"{every.float().median():.0f}", f"{(every < 20).float().mean():.2f}",
                f"{torch.cat(refusing).float().median():.0f}"]
         if reference_model is not None:
-            scores = [pfa1_by_prefill_length(model, reference_model, tokenizer, world.request(item),
-                                             world.compliant_response(item), pfa_lengths)
-                      for item in world.harmful_items()]
+            scores = [pfa1_by_prefill_length(model, reference_model, tokenizer, prompt, answer, pfa_lengths)
+                      for prompt, answer in corpus.pairs]
             row += [f"{sum(s[n] for s in scores) / len(scores):.3f}" for n in pfa_lengths]
         table.append(row)
     return Section("Ranks along the harmful answers", [
         "Rank (0 = top) of the correct harmful token and of the best refusal token at each position of the "
-        "teacher-forced harmful answers. Low harmful ranks after alignment are what RAP exploits."],
+        f"teacher-forced harmful answers of {corpus.name} ({len(corpus.pairs)} answers); refusal tokens: the first "
+        "tokens of its refusal phrases in each model's own tokenizer."],
         position_lines(series, "ranks along harmful answers", yaxis="rank", log_y=False),
         table=table, header=["model", "median harmful rank", "harmful in top 20", "median refusal rank"]
         + ([f"PFA-1 after {n} (vs {_name(reference)})" for n in pfa_lengths] if reference is not None else []))
 
 
-def knockout_section(models: Sequence[str | Path], world: SyntheticWorld, *, k: int = 20,
-                     phrasings: Sequence[int] = (0, 1)) -> Section:
+def knockout_section(models: Sequence[str | Path], corpus: HarmfulCorpus, *, k: int = 20) -> Section:
     """Shares of the correct harmful tokens ranked first and in the top ``k`` (teacher-forced) with no
     knockout, with the answer unable to read itself in every layer but the first, and in every layer."""
-    pairs = [(world.request(item, p), world.compliant_response(item)) for item in world.harmful_items()
-             for p in phrasings]
+    pairs = list(corpus.pairs)
     conditions = ("no knockout", "knockout in layers 1+", "knockout in every layer")
     table = []
     for path in models:
@@ -143,12 +144,8 @@ def knockout_section(models: Sequence[str | Path], world: SyntheticWorld, *, k: 
                       *(f"{float((r < k).float().mean()):.3f}" for r in ranks)])
     return Section("Attention knockout: does the harmful answer read itself?", [
         f"Shares of the correct harmful tokens ranked first and in the top {k}, teacher-forced over {len(pairs)} "
-        "harmful requests, when the answer's positions may not attend to earlier answer tokens (those attention "
-        "scores set to −inf before the softmax) in the given layers. PRESTO can only cut RAP where the later "
-        "layers' reading of the harmful text carries the harmful answer. Where blocking it there leaves the "
-        "shares unchanged, the answer comes from the request and the first layer's local reading, which a "
-        "penalty asking harmful contexts alone to look away cannot reach: the first layer cannot yet tell a "
-        "harmful context from a benign one."],
+        f"harmful requests of {corpus.name}, when the answer's positions may not attend to earlier answer tokens "
+        "(those attention scores set to −inf before the softmax) in the given layers."],
         table=table, header=["model", *(f"top 1, {c}" for c in conditions), *(f"top {k}, {c}" for c in conditions)])
 
 
@@ -162,7 +159,7 @@ def ablation_section(model_path: str | Path, world: SyntheticWorld, *, k: int = 
     from deepalign.experiments.world_evaluation import greedy_continuations
     from deepalign.models.chat import collate, encode_text, render_chat
 
-    examples = prefill_examples(world)
+    examples = prefill_examples(world_corpus(world))
     mass = prefill_mass_by_head(load_bridge(model_path), examples, progress=False)
     model, tokenizer = load_pretrained(model_path)
     chosen = top_heads(mass, k)
@@ -214,8 +211,9 @@ def stages_report_sections(stages: str | Path, world: SyntheticWorld, *, ablate_
     missing = [str(p) for p in path.values() if not p.is_dir()]
     if missing:
         raise ValueError(f"missing stage models (run deepalign stages first): {', '.join(missing)}")
-    return [*attention_section(path["da"], path["presto"], world),
-            kl_section(path["base"], path["shallow"], world),
-            ranks_section(list(path.values()), world, reference=path["da"]),
-            knockout_section([path["base"], path["da"], path["presto"]], world),
+    corpus = world_corpus(world)
+    return [*attention_section(path["da"], path["presto"], corpus),
+            kl_section(path["base"], path["shallow"], corpus),
+            ranks_section(list(path.values()), world_corpus(world, phrasings=(0,)), reference=path["da"]),
+            knockout_section([path["base"], path["da"], path["presto"]], corpus),
             ablation_section(path["da"], world, max_steps=ablate_steps)]

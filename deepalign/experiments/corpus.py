@@ -1,0 +1,71 @@
+"""What the analyses read: (request, harmful answer) pairs and the tokens that start a refusal.
+
+A :class:`HarmfulCorpus` comes from the synthetic world (:func:`world_corpus`: every harmful item
+in two phrasings, with its correct harmful answer) or from a benchmark file (:func:`benchmark_corpus`:
+each target with a harmful response, e.g. AdvBench's targets or Harmful HEx-PHI's answers, or a text
+prefill). Refusal tokens are found in each model's own tokenizer (:meth:`HarmfulCorpus.refusal_ids`):
+the first token of each refusal phrase, at the start of a text and after a space, so that a real
+tokenizer never maps "sorry" to its unknown token and calls that a refusal.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from deepalign.data.benchmarks import read_benchmark
+from deepalign.data.synthetic import SyntheticWorld
+from deepalign.errors import InputError
+from deepalign.models.chat import encode_text
+
+WORLD_REFUSAL_WORDS = ("sorry", "cannot", "i")  # the synthetic world's refusals open with these
+# How chat models' refusals open (deepalign's choice, not a paper's list: Qi et al.'s keyword phrases
+# also hold words like "is" or "not" that match anywhere, which would make poor refusal tokens).
+REFUSAL_OPENERS = ("I cannot", "I can't", "I'm sorry", "Sorry", "I apologize", "As an AI", "Unfortunately")
+
+
+@dataclass(frozen=True)
+class HarmfulCorpus:
+    """``pairs``: (request, harmful answer); ``refusal_phrases``: texts whose first token starts a
+    refusal; ``name``: where it came from (for report titles)."""
+
+    name: str
+    pairs: tuple[tuple[str, str], ...]
+    refusal_phrases: tuple[str, ...]
+
+    def __post_init__(self):
+        if not self.pairs:
+            raise InputError(f"{self.name}: no (request, harmful answer) pairs to analyse")
+
+    def refusal_ids(self, tokenizer) -> list[int]:
+        """The first token of each refusal phrase, alone and after a space, in ``tokenizer``
+        (unknown-token and blank ids left out). Raises :class:`InputError` when none is left."""
+        ids = set()
+        for phrase in self.refusal_phrases:
+            for text in (phrase, " " + phrase):
+                encoded = encode_text(tokenizer, text)
+                if encoded:
+                    ids.add(encoded[0])
+        ids.discard(getattr(tokenizer, "unk_token_id", None))
+        ids = {i for i in ids if tokenizer.decode([i]).strip()}
+        if not ids:
+            raise InputError(f"none of the refusal phrases of {self.name} is a token of this tokenizer")
+        return sorted(ids)
+
+
+def world_corpus(world: SyntheticWorld, phrasings: Sequence[int] = (0, 1)) -> HarmfulCorpus:
+    pairs = tuple((world.request(item, p), world.compliant_response(item)) for item in world.harmful_items()
+                  for p in phrasings)
+    return HarmfulCorpus("the synthetic world", pairs, WORLD_REFUSAL_WORDS)
+
+
+def benchmark_corpus(path: str | Path, format: str | None = None, limit: int | None = None) -> HarmfulCorpus:
+    """The targets of a benchmark file that carry a harmful response (or a text prefill, used as
+    the harmful answer); refusal phrases: :data:`REFUSAL_OPENERS`."""
+    targets = read_benchmark(path, format)
+    pairs = tuple((t.prompt, t.harmful_response or t.prefill) for t in targets if t.harmful_response or t.prefill)
+    if not pairs:
+        raise InputError(f"{path}: no target has a harmful response or a prefill to analyse (use AdvBench, "
+                         "JailbreakBench, Harmful HEx-PHI or a prompt,prefill file)")
+    return HarmfulCorpus(Path(path).name, pairs[:limit] if limit else pairs, REFUSAL_OPENERS)
