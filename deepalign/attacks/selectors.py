@@ -60,15 +60,32 @@ class FlagSelector:
 
 
 class LexiconSelector(FlagSelector):
-    """Harmful unless the candidate's token is in ``blocked`` (e.g. refusal words), or, when
-    ``allowed`` is given, harmful only if it is in ``allowed``."""
+    """Harmful unless the candidate's token is in ``blocked`` (e.g. refusal words), or it completes
+    one of the token sequences in ``blocked_sequences`` (a refusal word that the tokenizer splits:
+    ``unable`` = ``un`` + ``able`` blocks ``able`` after ``un``, not every word starting with ``un``);
+    when ``allowed`` is given, harmful only if it is in ``allowed``."""
 
-    def __init__(self, blocked: Iterable[int] = (), allowed: Iterable[int] | None = None):
+    def __init__(self, blocked: Iterable[int] = (), allowed: Iterable[int] | None = None,
+                 blocked_sequences: Iterable[Sequence[int]] = ()):
         self.blocked = set(blocked)
         self.allowed = None if allowed is None else set(allowed)
+        self.sequences = {tuple(seq) for seq in blocked_sequences if len(seq) > 1}
+        self.blocked |= {seq[0] for seq in blocked_sequences if len(seq) == 1}
+
+    def _completes(self, context: Sequence[int], token: int) -> bool:
+        return any(seq[-1] == token and tuple(context[len(context) - len(seq) + 1:]) == seq[:-1]
+                   for seq in self.sequences if len(context) >= len(seq) - 1)
 
     def flags(self, row, context, candidates):
-        return [c.token not in self.blocked and (self.allowed is None or c.token in self.allowed) for c in candidates]
+        return [c.token not in self.blocked and not self._completes(context, c.token)
+                and (self.allowed is None or c.token in self.allowed) for c in candidates]
+
+
+def word_sequences(tokenizer, words: Iterable[str]) -> list[list[int]]:
+    """The token sequences of each word at the start of a text and after a space."""
+    from deepalign.models.chat import encode_text
+
+    return [ids for word in words for ids in (encode_text(tokenizer, word), encode_text(tokenizer, " " + word)) if ids]
 
 
 class CallableSelector(FlagSelector):

@@ -135,7 +135,7 @@ def check_options(args: argparse.Namespace) -> None:
 
 
 def rap_selector(args: argparse.Namespace, world):
-    from deepalign.attacks.selectors import ConsoleSelector, LexiconSelector, synthetic_oracle
+    from deepalign.attacks.selectors import ConsoleSelector, LexiconSelector, synthetic_oracle, word_sequences
 
     if args.selector == "oracle":
         return synthetic_oracle(world, world.tokenizer())
@@ -153,7 +153,7 @@ def rap_selector(args: argparse.Namespace, world):
     tokenizer = _tokenizer_of(args.model)
     if args.selector == "console":
         return ConsoleSelector(tokenizer)
-    return LexiconSelector(blocked={tokenizer(w, add_special_tokens=False)["input_ids"][0] for w in words})
+    return LexiconSelector(blocked_sequences=word_sequences(tokenizer, words))
 
 
 def run(args: argparse.Namespace) -> int:

@@ -127,3 +127,13 @@ def test_rap_starts_from_the_targets_text_prefill(world, tokenizer):
     assert rap_prefill(tokenizer, AttackTarget("y", "q", harmful_response="to make bread"), 2) == \
         encode_text(tokenizer, "to make")
     assert rap_prefill(tokenizer, AttackTarget("z", "q"), 0) == []
+
+
+def test_the_lexicon_selector_blocks_whole_words_not_first_pieces():
+    from deepalign.attacks.selectors import Candidate, LexiconSelector
+
+    un, able, der, sorry = 11, 12, 13, 14  # "unable" = un + able; "under" = un + der; "sorry" one token
+    selector = LexiconSelector(blocked_sequences=[[un, able], [sorry]])
+    candidates = [Candidate(t, r, 0.1) for r, t in enumerate((un, able, der, sorry))]
+    assert selector.flags(0, [], candidates) == [True, True, True, False]  # "un" may start "under"
+    assert selector.flags(0, [5, un], candidates) == [True, False, True, False]  # "able" would finish "unable"
