@@ -3,7 +3,8 @@
 :func:`rejudge` reads every record of a result log (a :class:`deepalign.io.JsonlLog` written by
 ``deepalign attack``), judges each one whose key is not yet in the output log, and appends the
 record with the judge's fields (``score``, ``refused``, ``harmful``, …) and ``judge`` set to the
-judge's name. The source log is only read, so it may still be growing: a rerun picks up its new
+judge's name. An answer the judge could not read is recorded with ``score`` null and named as it
+happens; summaries count it apart. The source log is only read, so it may still be growing: a rerun picks up its new
 records.
 """
 
@@ -30,7 +31,16 @@ def rejudge(source: JsonlLog, output: JsonlLog, judge: Judge, name: str, *, prog
         if missing:
             raise FileFormatError(f"{source.path}: record {index} (key {record['key']!r}) has no "
                                   f"{', '.join(missing)}; is it a result log of deepalign attack?")
+    unparsed = 0
     for record in tqdm([r for r in records if r["key"] not in output], desc=f"judge {name}", disable=not progress):
-        target = AttackTarget(record["id"], record["prompt"], "", record.get("category", ""))
-        output.append({**record, **judge(target, record["output"]), "judge": name})
+        target = AttackTarget(record["id"], record["prompt"], "", record.get("category", ""),
+                              **{f: record.get(f, "") for f in ("behavior", "context", "functional_category", "prefill")})
+        verdict = judge(target, record["output"])
+        if verdict.get("score") is None:
+            unparsed += 1
+            tqdm.write(f"{record['key']}: the judge's answer could not be read, recorded unscored: "
+                       f"{str(verdict.get('judge_answer', ''))[:100]!r}")
+        output.append({**record, **verdict, "judge": name})
+    if unparsed:
+        tqdm.write(f"{unparsed} answer(s) could not be read; they are in {output.path} with score null")
     return output.records()
