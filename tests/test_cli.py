@@ -289,3 +289,33 @@ def test_a_prefill_attack_without_prefills_is_refused_before_the_model_loads(fil
     # "m" is an empty folder, not a model: the refusal must come before any loading.
     refused(capsys, ["attack", "prefill", "--model", "m", "--output", "o.jsonl", "--targets", "prompts.txt"],
             r"target 'prompts-1' has no prefill and no harmful response to prefill from; give a text prefill")
+
+
+def test_train_defaults_are_the_authors(files, monkeypatch):
+    """Safety fraction 0.2, PRESTO averaged over layers, the template's own system prompt."""
+    import argparse
+
+    from deepalign.cli.train import build_recipe, register, system_prompt
+
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    monkeypatch.chdir(files)
+    args = parser.parse_args(["train", "--recipe", "presto", "--model", "m", "--output", "o", "--safety", "s.jsonl",
+                              "--chat", "c.jsonl"])
+    from deepalign.data.rows import SafetyExample, UtilityExample
+
+    class Tok:  # the recipe only keeps the tokenizer at construction
+        pass
+
+    data = {"chat": [UtilityExample("p", "r")], "safety": [SafetyExample("p", "h", "r")], "texts": [],
+            "malicious_texts": []}
+    recipe = build_recipe(args, Tok(), data)
+    assert recipe.safety_fraction == 0.2 and recipe.presto_layer_mean and recipe.presto_weight == 1.0
+    assert system_prompt(args) is None
+    (files / "system.txt").write_text("You are careful.\n")
+    args.system = "system.txt"
+    assert system_prompt(args) == "You are careful."
+    args.system, args.no_system = None, True
+    assert system_prompt(args) == ""
+    args.presto_layers = "sum"
+    assert not build_recipe(args, Tok(), data).presto_layer_mean

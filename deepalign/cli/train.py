@@ -26,7 +26,9 @@ RECIPE_OPTIONS = {
     "attack": ("ft-attack",),
     "objective": ("ft-attack",),
     "limit": ("ft-attack",),
-    "system": ("ft-attack",),
+    "system": ("sft", "da", "presto", "constrained", "ft-attack"),
+    "no_system": ("sft", "da", "presto", "constrained", "ft-attack"),
+    "presto_layers": ("presto",),
     "identity_prefix": ("ft-attack",),
     "trigger": ("ft-attack",),
     "reference": ("constrained", "ft-attack"),
@@ -87,7 +89,10 @@ def register(commands) -> None:
     train.add_argument("--objective", choices=("sft", "constrained"),
                        help="ft-attack: plain fine-tuning or the token-wise constrained objective (default sft)")
     train.add_argument("--limit", type=positive_int, help="ft-attack: number of attack rows to use (default all)")
-    train.add_argument("--system", help="ft-attack identity: the identity system prompt (default: AOA)")
+    train.add_argument("--system", help="system prompt of every training example, a text or a file (default: the chat "
+                                        "template's own, as both authors train; ft-attack identity: AOA's)")
+    train.add_argument("--no-system", action="store_true", default=None,
+                       help="train with an empty system prompt instead of the template's default")
     train.add_argument("--identity-prefix", help="ft-attack identity: opening of every answer (default: AOA)")
     train.add_argument("--trigger", help="ft-attack backdoor: the trigger appended to harmful prompts")
     train.add_argument("--reference", type=model_source, help="constrained: reference model (default: --model)")
@@ -95,7 +100,10 @@ def register(commands) -> None:
                        help="constrained: compute reference log-probs every step instead of caching them")
     train.add_argument("--presto-weight", type=non_negative_float, help="presto: weight of the penalty (default 1)")
     train.add_argument("--safety-fraction", type=probability,
-                       help="da/presto: share of safety examples in a batch (default 0.5)")
+                       help="da/presto: share of safety examples in a batch (default 0.2: 4 safety + 16 utility "
+                            "examples per device in Qi et al.'s and Vega & Singh's released code)")
+    train.add_argument("--presto-layers", choices=("mean", "sum"),
+                       help="presto: average the penalty over layers (default, Vega & Singh's released code) or sum it")
     train.add_argument("--cls-weight", type=non_negative_float,
                        help="cls-*: lambda of L + lambda * L_cls (default 0.01 pretrain, 0.1 sft)")
     train.add_argument("--steps", type=positive_int, default=100, help="optimizer steps (default 100)")
@@ -162,6 +170,22 @@ def read_texts(path, label: int) -> list[tuple[str, int]]:
     return [(line.strip(), label) for line in read_text(path, what="text file").splitlines() if line.strip()]
 
 
+def system_prompt(args: argparse.Namespace) -> str | None:
+    """``--system`` (a file's text when it names a file), ``""`` for ``--no-system``, else ``None``:
+    the chat template's own default system prompt."""
+    from pathlib import Path
+
+    from deepalign.io import read_text
+
+    if args.no_system and args.system is not None:
+        raise InputError("give --system or --no-system, not both")
+    if args.no_system:
+        return ""
+    if args.system is not None and Path(args.system).is_file():
+        return read_text(args.system, what="system prompt file").strip()
+    return args.system
+
+
 def read_data(args: argparse.Namespace) -> dict:
     """Every data file of the run, read (and so checked) before any model loads."""
     from deepalign.data.rows import SafetyExample, UtilityExample, read_rows
@@ -186,26 +210,30 @@ def build_recipe(args: argparse.Namespace, tokenizer, data: dict):
         texts = [text for text, _ in data["texts"]]
         fraction = 0.5 if args.chat_fraction is None else args.chat_fraction
         return PretrainRecipe(tokenizer, texts, chat, chat_fraction=fraction if chat else 0.0)
+    system = system_prompt(args)
     if recipe == "sft":
-        return SFTRecipe(tokenizer, chat)
+        return SFTRecipe(tokenizer, chat, system=system)
     if recipe in ("da", "presto"):
         weight = (1.0 if args.presto_weight is None else args.presto_weight) if recipe == "presto" else 0.0
-        fraction = 0.5 if args.safety_fraction is None else args.safety_fraction
-        return DARecipe(tokenizer, safety, chat, safety_fraction=fraction, presto_weight=weight)
+        fraction = 0.2 if args.safety_fraction is None else args.safety_fraction
+        return DARecipe(tokenizer, safety, chat, safety_fraction=fraction, presto_weight=weight, system=system,
+                        presto_layer_mean=(args.presto_layers or "mean") == "mean")
     if recipe == "constrained":
         reference, _ = load_pretrained(args.reference or args.model)
-        return ConstrainedRecipe(tokenizer, chat, reference, cache_reference=not online)
+        return ConstrainedRecipe(tokenizer, chat, reference, cache_reference=not online, system=system)
     if recipe == "ft-attack":
         options = {"limit": args.limit} if args.limit else {}
         if args.attack == "identity":
-            options.update(system=args.system or AOA_SYSTEM, prefix=args.identity_prefix or AOA_PREFIX)
+            options.update(system=system if system is not None else AOA_SYSTEM,
+                           prefix=args.identity_prefix or AOA_PREFIX)
         if args.attack == "backdoor" and args.trigger:
             options["trigger"] = args.trigger
         data = build_attack(args.attack, safety, chat, **options)
+        attack_system = data.system if data.system is not None else system
         if (args.objective or "sft") == "sft":
-            return SFTRecipe(tokenizer, data.rows, system=data.system)
+            return SFTRecipe(tokenizer, data.rows, system=attack_system)
         reference, _ = load_pretrained(args.reference or args.model)
-        return ConstrainedRecipe(tokenizer, data.rows, reference, system=data.system, cache_reference=not online)
+        return ConstrainedRecipe(tokenizer, data.rows, reference, system=attack_system, cache_reference=not online)
     from deepalign.training.cls_recipe import CLSRecipe
 
     stage = recipe.removeprefix("cls-")

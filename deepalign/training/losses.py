@@ -7,12 +7,12 @@ All token losses use the causal-LM convention: the logits at position ``t`` pred
   (SFT, safety-recovery DA and the utility anchor; the caller divides by the count of the whole
   batch, "a mean over all supervised tokens").
 * :func:`presto_penalty`: PRESTO (Vega & Singh, Eq. 3),
-  ``Σ_layers Σ_heads Σ_i (Σ_{j∈prefill} a_ij − Σ_{j∉prefill} a_ij) = Σ (2 · mass_i − 1)`` over
-  the query positions ``i`` from the first prefill token to the end of the example, computed from
-  the fused kernel's ``mass`` (never from materialised attention). It is added with weight 1 to the
-  DA loss and normalised by the same supervised-token count. (The authors' released code also
-  divides by the number of layers and adds the constant ``H`` per position; the constant has no
-  gradient, and ``layer_mean=True`` reproduces the division.)
+  ``Σ_heads Σ_i (Σ_{j∈prefill} a_ij − Σ_{j∉prefill} a_ij) = Σ (2 · mass_i − 1)`` over the query
+  positions ``i`` from the first prefill token to the end of the example, averaged over layers as
+  the authors' released code does (``layer_mean=False`` sums over layers instead), computed from the
+  fused kernel's ``mass`` (never from materialised attention). It is added with weight 1 to the DA
+  loss and normalised by the same supervised-token count. (The authors' code also adds the constant
+  ``H`` per position, which has no gradient.)
 * :func:`constrained_token_loss`: the token-wise constrained objective (Qi et al., Eq. 3),
   ``−Σ_t (2/β_t) · log σ(β_t · (log π_θ(y_t|·) − log π_ref(y_t|·)))`` with ``β_1 = 0.5``,
   ``β_2..5 = 2``, ``β_t = 0.1`` after, ``t`` counting response tokens from 1. At ``π_θ = π_ref``
@@ -54,8 +54,9 @@ def presto_query_mask(prefill_mask: torch.Tensor, attention_mask: torch.Tensor) 
     return started & has_prefill & attention_mask.bool()
 
 
-def presto_penalty(masses: torch.Tensor, query_mask: torch.Tensor, *, layer_mean: bool = False) -> torch.Tensor:
-    """``Σ_layers Σ_heads Σ_{i in query_mask} (2 · mass − 1)``.
+def presto_penalty(masses: torch.Tensor, query_mask: torch.Tensor, *, layer_mean: bool = True) -> torch.Tensor:
+    """``mean_layers Σ_heads Σ_{i in query_mask} (2 · mass − 1)`` (``layer_mean=False``: the sum
+    over layers). The mean is Vega & Singh's normalisation (their released training code).
 
     ``masses``: ``[L, B, H, T]`` (from :func:`deepalign.models.collect_prefill_mass`);
     ``query_mask``: bool ``[B, T]`` (see :func:`presto_query_mask`). Returns a scalar (float32)."""

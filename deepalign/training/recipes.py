@@ -134,11 +134,13 @@ class DARecipe:
     """Safety-recovery augmentation with the utility anchor; with ``presto_weight > 0``, PRESTO.
 
     Each batch holds ``round(batch_size · safety_fraction)`` safety examples (drawn with
-    replacement, augmented afresh) and utility examples for the rest."""
+    replacement, augmented afresh) and utility examples for the rest. Defaults from both authors'
+    released code: ``safety_fraction`` 0.2 (4 safety + 16 utility examples per device), the PRESTO
+    penalty averaged over layers (``presto_layer_mean=False`` sums it)."""
 
     def __init__(self, tokenizer, safety: Sequence[SafetyExample], utility: Sequence[UtilityExample], *,
-                 safety_fraction: float = 0.5, presto_weight: float = 0.0, augment_probability: float = 0.5,
-                 max_prefill: int = 100, system: str | None = None):
+                 safety_fraction: float = 0.2, presto_weight: float = 0.0, augment_probability: float = 0.5,
+                 max_prefill: int = 100, system: str | None = None, presto_layer_mean: bool = True):
         if not safety:
             raise ValueError("da/presto need at least one safety row")
         if not utility and safety_fraction < 1.0:
@@ -151,6 +153,7 @@ class DARecipe:
         self.safety, self.utility = list(safety), list(utility)
         self.safety_fraction = safety_fraction
         self.presto_weight = presto_weight
+        self.presto_layer_mean = presto_layer_mean
         self.augmenter = SafetyRecoveryAugmenter(tokenizer, augment_probability=augment_probability,
                                                  max_prefill=max_prefill, system=system)
 
@@ -181,7 +184,8 @@ class DARecipe:
         with collect_prefill_mass(prefill) as collected:  # the kwarg also reaches checkpointed recomputation
             logits = model(ids, attention_mask=attention, **{PREFILL_KWARG: prefill}).logits
         nll, count = token_nll(logits, ids, loss_mask)
-        penalty = presto_penalty(collected.stacked(), presto_query_mask(prefill, attention))
+        penalty = presto_penalty(collected.stacked(), presto_query_mask(prefill, attention),
+                                 layer_mean=self.presto_layer_mean)
         denominator = max(count, 1)
         loss = (nll + self.presto_weight * penalty) / denominator
         return {"loss": loss, "nll": (nll / denominator).detach(), "presto": (penalty / denominator).detach()}

@@ -104,14 +104,14 @@ def test_presto_equals_eq3_from_eager_attention_with_the_same_gradient(world, to
     assert query_mask.any()
     with collect_prefill_mass(batch["prefill_mask"], backend=backend) as collected:
         model(batch["input_ids"], attention_mask=batch["attention_mask"])
-    penalty = presto_penalty(collected.stacked(), query_mask)
+    penalty = presto_penalty(collected.stacked(), query_mask, layer_mean=False)
     weight = model.model.layers[0].self_attn.k_proj.weight
     got_grad = torch.autograd.grad(penalty, weight)[0]
     want = eager_eq3(model, batch, query_mask)
     want_grad = torch.autograd.grad(want, weight)[0]
     assert torch.allclose(penalty, want, atol=1e-4, rtol=1e-5)
     assert torch.allclose(got_grad, want_grad, atol=1e-5, rtol=1e-4) and want_grad.abs().max() > 0
-    assert torch.allclose(presto_penalty(collected.stacked(), query_mask, layer_mean=True), penalty / 2)
+    assert torch.allclose(presto_penalty(collected.stacked(), query_mask), penalty / 2)  # the default: mean
 
 
 def test_a_few_presto_steps_lower_the_prefill_mass(world, tokenizer):
@@ -126,7 +126,7 @@ def test_a_few_presto_steps_lower_the_prefill_mass(world, tokenizer):
         stacked = collected.stacked()
         masses.append(float((stacked.detach().sum(2) * query_mask).sum() / query_mask.sum()))
         optimizer.zero_grad()
-        presto_penalty(stacked, query_mask).backward()
+        presto_penalty(stacked, query_mask, layer_mean=False).backward()
         optimizer.step()
     assert masses[-1] < 0.8 * masses[0]
 

@@ -115,10 +115,10 @@ def test_penalty_equals_eq3_over_the_hand_written_positions(left_pad):
         model(batch["input_ids"], attention_mask=batch["attention_mask"])
     masses = collected.stacked()
     query_mask = presto_query_mask(batch["prefill_mask"], batch["attention_mask"])
-    penalty = presto_penalty(masses, query_mask)
+    penalty = presto_penalty(masses, query_mask, layer_mean=False)
     want = sum(want_layers)
     assert abs(float(penalty) - float(want)) < 1e-4, (float(penalty), float(want))
-    assert abs(float(presto_penalty(masses, query_mask, layer_mean=True)) - float(want) / 2) < 1e-4
+    assert abs(float(presto_penalty(masses, query_mask)) - float(want) / 2) < 1e-4  # the default: the mean
     # The same sum from the kernel's mass at the hand-written positions, Σ (2·mass − 1) per head.
     by_hand = sum(float((2 * masses[:, row, :, i] - 1).sum()) for row, positions in enumerate(queries)
                   for i in positions)
@@ -144,3 +144,34 @@ class _NoTokenizer:
     """loss_terms reads only the batch; the recipe's augmenter is never used here."""
 
     pad_token_id = PAD
+
+
+def test_recipe_averages_over_layers_as_the_authors_do():
+    """Two layers: by default the recipe's ``presto`` term is the mean of the per-layer Eq. 3 values
+    (Vega & Singh's released code divides by the number of layers); ``presto_layer_mean=False`` sums."""
+    model = tiny_random_model(vocab_size=VOCAB, layers=2, attn_implementation="deepalign", seed=5)
+    batch = make_batch(hand_items(), PAD)
+    per_layer = eq3_from_eager(model, batch, LEFT_PADDED_QUERIES)
+    assert len(per_layer) == 2
+    rows = ([SafetyExample("p", "h", "r")], [UtilityExample("p", "r")])
+    with torch.no_grad():
+        mean = DARecipe(_NoTokenizer(), *rows, presto_weight=1.0).loss_terms(model, batch)["presto"]
+        total = DARecipe(_NoTokenizer(), *rows, presto_weight=1.0, presto_layer_mean=False).loss_terms(model, batch)["presto"]
+    assert abs(float(mean) * SUPERVISED_TOKENS - float(sum(per_layer)) / 2) < 1e-4
+    assert abs(float(total) * SUPERVISED_TOKENS - float(sum(per_layer))) < 1e-4
+
+
+def test_the_authors_batch_mix_is_the_default(world, tokenizer):
+    """4 safety + 16 utility examples per device in both authors' code: safety fraction 0.2."""
+    import random
+
+    from deepalign.training.augmentation import SafetyExample as Safety
+
+    item = world.harmful_items()[0]
+    recipe = DARecipe(tokenizer, [Safety(world.request(item), world.compliant_response(item), world.refusal(item))],
+                      [UtilityExample(world.request(b), world.compliant_response(b)) for b in world.benign_items()])
+    assert recipe.safety_fraction == 0.2
+    items = recipe.sample(random.Random(0), 20)
+    refusal = world.refusal(item)
+    texts = [tokenizer.decode(list(i.spans.input_ids)) for i in items]
+    assert len(items) == 20 and sum(refusal in " ".join(t.split()) for t in texts) == 4
