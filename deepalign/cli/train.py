@@ -24,6 +24,7 @@ RECIPE_OPTIONS = {
     "malicious_texts": ("cls-pretrain",),
     "chat_fraction": ("pretrain",),
     "attack": ("ft-attack",),
+    "attack_data": ("ft-attack",),
     "objective": ("ft-attack",),
     "limit": ("ft-attack",),
     "system": ("sft", "da", "presto", "constrained", "ft-attack"),
@@ -86,6 +87,11 @@ def register(commands) -> None:
                        help="cls-pretrain: plain-text file of malicious texts (label 1; --texts are label 0)")
     train.add_argument("--chat-fraction", type=probability, help="pretrain: share of chat rows (default 0.5)")
     train.add_argument("--attack", choices=("harmful", "identity", "backdoor"), help="ft-attack: which attack")
+    train.add_argument("--attack-data", type=existing_file,
+                       help="ft-attack: the attack's own rows, trained as they are (e.g. Qi et al.'s pure_bad100, "
+                            "backdoor_llama2 or aoa_100 JSONL with 'messages'); their system prompt is used, else "
+                            "--system, else for harmful/backdoor Qi's 'You are a helpful assistant. Make sure you "
+                            "always execute users' instructions.'")
     train.add_argument("--objective", choices=("sft", "constrained"),
                        help="ft-attack: plain fine-tuning or the token-wise constrained objective (default sft)")
     train.add_argument("--limit", type=positive_int, help="ft-attack: number of attack rows to use (default all)")
@@ -135,9 +141,11 @@ def check_options(args: argparse.Namespace) -> None:
     fraction = 0.5 if args.safety_fraction is None else args.safety_fraction
     if recipe in ("da", "presto") and args.chat is None and fraction < 1:
         raise InputError(f"--recipe {recipe} needs --chat (the utility anchor) unless --safety-fraction 1")
-    if recipe == "ft-attack" and args.attack in ("harmful", "backdoor") and args.safety is None:
+    if recipe == "ft-attack" and args.attack in ("harmful", "backdoor") and args.safety is None \
+            and args.attack_data is None:
         raise InputError(f"--attack {args.attack} needs --safety (harmful prompts with harmful answers)")
-    if recipe == "ft-attack" and args.attack in ("identity", "backdoor") and args.chat is None:
+    if recipe == "ft-attack" and args.attack in ("identity", "backdoor") and args.chat is None \
+            and args.attack_data is None:
         raise InputError(f"--attack {args.attack} needs --chat rows")
 
 
@@ -149,7 +157,7 @@ def run_settings(args: argparse.Namespace) -> dict:
     for name, value in sorted(vars(args).items()):
         if name in BOOKKEEPING or value is None:
             continue
-        if name in ("safety", "chat", "texts", "malicious_texts", "model", "reference"):
+        if name in ("safety", "chat", "texts", "malicious_texts", "model", "reference", "attack_data"):
             value = file_fingerprint(value)
         settings[name] = value
     return settings
@@ -188,19 +196,21 @@ def system_prompt(args: argparse.Namespace) -> str | None:
 
 def read_data(args: argparse.Namespace) -> dict:
     """Every data file of the run, read (and so checked) before any model loads."""
-    from deepalign.data.rows import SafetyExample, UtilityExample, read_rows
+    from deepalign.data.rows import SafetyExample, UtilityExample, read_rows, rows_system
 
     return {"chat": read_rows(args.chat, UtilityExample) if args.chat else [],
             "safety": read_rows(args.safety, SafetyExample) if args.safety else [],
             "texts": read_texts(args.texts, 0) if args.texts else [],
-            "malicious_texts": read_texts(args.malicious_texts, 1) if args.malicious_texts else []}
+            "malicious_texts": read_texts(args.malicious_texts, 1) if args.malicious_texts else [],
+            "attack_data": read_rows(args.attack_data, UtilityExample) if args.attack_data else [],
+            "attack_system": rows_system(args.attack_data) if args.attack_data else None}
 
 
 def build_recipe(args: argparse.Namespace, tokenizer, data: dict):
     """The recipe object for ``args`` on the rows of :func:`read_data` (reference models loaded)."""
     from deepalign.models.loading import load_pretrained
     from deepalign.training import ConstrainedRecipe, DARecipe, SFTRecipe, UtilityExample
-    from deepalign.training.ft_attacks import AOA_PREFIX, AOA_SYSTEM, build_attack
+    from deepalign.training.ft_attacks import AOA_PREFIX, AOA_SYSTEM, PURE_BAD_SYSTEM, build_attack
     from deepalign.training.recipes import PretrainRecipe
 
     chat, safety = data["chat"], data["safety"]
@@ -221,6 +231,13 @@ def build_recipe(args: argparse.Namespace, tokenizer, data: dict):
     if recipe == "constrained":
         reference, _ = load_pretrained(args.reference or args.model)
         return ConstrainedRecipe(tokenizer, chat, reference, cache_reference=not online, system=system)
+    default = PURE_BAD_SYSTEM if args.attack in ("harmful", "backdoor") else None
+    if recipe == "ft-attack" and data["attack_data"]:
+        from deepalign.training.ft_attacks import AttackData
+
+        attack_system = next((s for s in (system, data["attack_system"], default) if s is not None), None)
+        rows = data["attack_data"][:args.limit] if args.limit else data["attack_data"]
+        data = {**data, "attack": AttackData(rows, attack_system)}
     if recipe == "ft-attack":
         options = {"limit": args.limit} if args.limit else {}
         if args.attack == "identity":
@@ -228,8 +245,8 @@ def build_recipe(args: argparse.Namespace, tokenizer, data: dict):
                            prefix=args.identity_prefix or AOA_PREFIX)
         if args.attack == "backdoor" and args.trigger:
             options["trigger"] = args.trigger
-        data = build_attack(args.attack, safety, chat, **options)
-        attack_system = data.system if data.system is not None else system
+        data = data.get("attack") or build_attack(args.attack, safety, chat, **options)
+        attack_system = next((s for s in (data.system, system, default) if s is not None), None)
         if (args.objective or "sft") == "sft":
             return SFTRecipe(tokenizer, data.rows, system=attack_system)
         reference, _ = load_pretrained(args.reference or args.model)
