@@ -21,10 +21,10 @@ import argparse
 import os
 import sys
 
-from deepalign.cli import analyze, attack, autorap, demo, judge, selfcheck, train, world
+from deepalign.cli import analyze, attack, autorap, convert, demo, judge, selfcheck, train, world
 from deepalign.errors import DeepalignError
 
-SUBCOMMANDS = (selfcheck, train, world, attack, autorap, judge, analyze, demo)
+SUBCOMMANDS = (selfcheck, train, world, attack, autorap, judge, analyze, demo, convert)
 
 
 class Parser(argparse.ArgumentParser):

@@ -95,3 +95,39 @@ def output_dir(text: str) -> Path:
     if blocker is not None:
         raise argparse.ArgumentTypeError(f"{text}: {blocker} is a file, so nothing can be written under it")
     return path
+
+
+def gguf_file(text: str) -> Path:
+    """A GGUF file, or a folder holding exactly one."""
+    path = Path(text)
+    if not path.exists():
+        raise argparse.ArgumentTypeError(f"{text}: no such GGUF file")
+    if path.is_dir():
+        found = sorted(path.glob("*.gguf"))
+        if len(found) != 1:
+            raise argparse.ArgumentTypeError(f"{text}: is a folder with {len(found)} .gguf files; give one GGUF file")
+        return found[0]
+    if path.suffix != ".gguf":
+        raise argparse.ArgumentTypeError(f"{text}: is not a .gguf file")
+    return path
+
+
+def device(text: str) -> str:
+    """``auto`` (CUDA when available, else the CPU), ``cpu``, ``cuda`` or ``cuda:N``; a GPU that is
+    not there is refused."""
+    from deepalign.models.loading import device_problem
+
+    problem = device_problem(text)
+    if problem is not None:
+        raise argparse.ArgumentTypeError(problem)
+    return text
+
+
+def dtype(text: str) -> str:
+    """``auto`` (bfloat16 on a GPU, float32 on the CPU), ``float32``, ``bfloat16`` or ``float16``."""
+    from deepalign.models.loading import dtype_problem
+
+    problem = dtype_problem(text)
+    if problem is not None:
+        raise argparse.ArgumentTypeError(problem)
+    return text

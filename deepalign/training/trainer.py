@@ -98,6 +98,7 @@ class Trainer:
     def __init__(self, model, tokenizer, recipe, config: TrainerConfig):
         from accelerate import Accelerator
 
+        refuse_unsaveable(model)
         self.config = config
         self.tokenizer = tokenizer
         self.recipe = recipe
@@ -262,6 +263,28 @@ class Trainer:
         version, rng_state, gauss = state["data_rng"]
         self.rng.setstate((version, tuple(rng_state), gauss))
         self.step = int(state["step"])
+
+
+def refuse_unsaveable(model) -> None:
+    """Refuse, before the first step, a model that ``save_pretrained`` would refuse at the first
+    checkpoint (a GGUF file loaded directly keeps transformers' GGUF quantizer, which is not
+    serializable): :class:`InputError` saying how to convert it."""
+    from deepalign.models.loading import saveable_problem
+
+    problem = saveable_problem(model)
+    if problem is None:
+        return
+    quantizer = getattr(model, "hf_quantizer", None)
+    quantization = getattr(quantizer, "quantization_config", None)
+    method = getattr(quantization, "quant_method", None)
+    if str(getattr(method, "value", method)) != "gguf":
+        raise InputError(f"{problem}; load it without quantization to train and save its weights")
+    source = getattr(quantization, "gguf_file", None) or "FILE.gguf"
+    folder = getattr(getattr(model, "config", None), "name_or_path", None)
+    if folder and (Path(folder) / source).is_file():
+        source = str(Path(folder) / source)
+    raise InputError(f"{problem}; convert it first: deepalign convert {source}, then train the folder it prints "
+                     "(deepalign's loaders convert a GGUF file once by themselves unless told not to)")
 
 
 def _with_lora(model, config: TrainerConfig):
