@@ -1,21 +1,29 @@
 """Readers for harmful-prompt benchmarks, from local files in their published layouts.
 
 Every reader returns :class:`AttackTarget` rows (an id, the prompt, a harmful target response when
-the benchmark has one, and a category) and reports a malformed row as ``file:line``.
+the benchmark has one, the category it gives, and HarmBench's behaviour, context and functional
+category, or a text prefill, where the file has them) and reports a malformed row as ``file:line``.
 
 | format          | file        | fields used                                                       |
 |-----------------|-------------|-------------------------------------------------------------------|
 | ``strongreject``| CSV         | ``forbidden_prompt``, ``category`` (``source`` is kept in the id)  |
-| ``harmbench``   | CSV         | ``Behavior``, ``SemanticCategory``, ``BehaviorID``, ``ContextString`` |
+| ``harmbench``   | CSV         | ``Behavior``, ``BehaviorID``, ``SemanticCategory``, ``FunctionalCategory``, ``ContextString`` (``Tags`` checked) |
 | ``advbench``    | CSV         | ``goal``, ``target``                                              |
 | ``jailbreakbench`` | CSV      | ``Goal``, ``Target``, ``Category``, ``Behavior``                  |
+| ``prefills``    | CSV         | ``prompt``, ``prefill`` (the authors' RAP data, Vega & Singh)      |
+| ``prefills-jsonl`` | JSON lines | ``prompt``, ``prefill``, optional ``id``, ``category``          |
 | ``hex-phi``     | JSON lines  | an object with ``instruction`` (or ``prompt``), optional ``category`` |
 | ``harmful-hex-phi`` | JSON lines | a list of messages: the user turn is the prompt, the assistant turn the harmful response |
-| ``do-not-answer`` | JSON lines | ``question``, ``risk_area`` / ``types_of_harm``, ``id``          |
+| ``do-not-answer`` | JSON lines or CSV | ``question``, ``risk_area`` (else ``types_of_harm``), ``id`` |
 | ``lines``       | text        | one prompt per line (HarmBench-style plain lists)                  |
 
-``read_benchmark(path)`` guesses the format from the extension and the CSV header when it is not
-given.
+``read_benchmark(path)`` guesses the format from the extension and the CSV header (a ``prefill``
+column: ``prefills``; ``forbidden_prompt``: ``strongreject``; ``BehaviorID``: ``harmbench``; ``goal``:
+``advbench``; ``Goal``: ``jailbreakbench``; ``question``: ``do-not-answer``) or the first JSON line (a
+list or ``messages``: ``harmful-hex-phi``; ``prompt`` and ``prefill``: ``prefills-jsonl``; ``question``:
+``do-not-answer``; ``instruction`` or ``prompt``: ``hex-phi``) when it is not given; anything else is a
+:class:`~deepalign.errors.FileFormatError` naming the file, the line and the fields it has, never a
+guess that would drop them.
 """
 
 from __future__ import annotations
@@ -83,13 +91,30 @@ def read_strongreject(path: Path) -> list[AttackTarget]:
 
 
 def read_harmbench(path: Path) -> list[AttackTarget]:
+    """HarmBench's behaviours CSV. ``behavior`` and ``context`` are the Behavior and ContextString as
+    written (HarmBench strips neither); ``prompt`` is HarmBench's test case for a direct request:
+    ``f"{ContextString}\\n\\n---\\n\\n{Behavior}"`` when there is a context, else the Behavior
+    (centerforaisafety/HarmBench, baselines/direct_request/direct_request.py, generate_test_cases).
+    A ``contextual`` row needs its ContextString; where a ``Tags`` column is given, its ``context``
+    and ``hash_check`` tags (what HarmBench's evaluate_completions.py dispatches on) must agree with
+    the ``contextual`` and ``copyright`` functional categories, so the judge's choice is HarmBench's."""
     targets, unique = [], _UniqueIds(path)
     for line, _, row in _csv_rows(path, ("Behavior", "BehaviorID")):
-        prompt = row["Behavior"].strip()
-        context = (row.get("ContextString") or "").strip()
-        if context:
-            prompt = f"{context}\n\n---\n\n{prompt}"
-        targets.append(AttackTarget(unique(row["BehaviorID"].strip(), line), prompt, "", (row.get("SemanticCategory") or "").strip()))
+        behavior = row["Behavior"]
+        context = row.get("ContextString") or ""
+        functional = (row.get("FunctionalCategory") or "").strip()
+        if functional == "contextual" and not context.strip():
+            raise FileFormatError(f"{path}:{line}: a contextual behaviour with an empty ContextString")
+        if functional and row.get("Tags") is not None:
+            tags = {tag.strip() for tag in row["Tags"].split(",")}
+            for tag, category in (("context", "contextual"), ("hash_check", "copyright")):
+                if (tag in tags) != (functional == category):
+                    raise FileFormatError(f"{path}:{line}: FunctionalCategory {functional!r} with Tags {row['Tags']!r}: "
+                                          f"HarmBench gives the {tag!r} tag exactly to {category} behaviours")
+        prompt = f"{context}\n\n---\n\n{behavior}" if context else behavior
+        targets.append(AttackTarget(unique(row["BehaviorID"].strip(), line), prompt, "",
+                                    (row.get("SemanticCategory") or "").strip(), behavior=behavior, context=context,
+                                    functional_category=functional))
     return targets
 
 
@@ -118,6 +143,28 @@ def read_hex_phi(path: Path) -> list[AttackTarget]:
     return targets
 
 
+def read_prefills(path: Path) -> list[AttackTarget]:
+    """The authors' ``prompt,prefill`` CSV (Vega & Singh, uiuc-focal-lab/push-forward-alignment,
+    datasets/strongreject_prefills_mistral_7b_v0_3.csv): both texts kept as written."""
+    return [AttackTarget(f"prefills-{number}", row["prompt"], prefill=row["prefill"])
+            for _, number, row in _csv_rows(path, ("prompt", "prefill"))]
+
+
+def read_prefills_jsonl(path: Path) -> list[AttackTarget]:
+    """JSON lines with ``prompt`` and ``prefill`` (texts kept as written), optional ``id`` and ``category``."""
+    targets, unique = [], _UniqueIds(path)
+    for line, record in iter_jsonl(path, what="benchmark file"):
+        if not isinstance(record, dict):
+            raise FileFormatError(f"{path}:{line}: expected an object with 'prompt' and 'prefill'")
+        for field in ("prompt", "prefill"):
+            if not isinstance(record.get(field), str) or not record[field].strip():
+                raise FileFormatError(f"{path}:{line}: missing {field!r}")
+        target_id = str(record["id"]) if "id" in record else f"prefills-{len(targets) + 1}"
+        targets.append(AttackTarget(unique(target_id, line), record["prompt"], category=str(record.get("category", "")),
+                                    prefill=record["prefill"]))
+    return targets
+
+
 def read_harmful_hex_phi(path: Path) -> list[AttackTarget]:
     targets = []
     for line, record in iter_jsonl(path, what="benchmark file"):
@@ -132,15 +179,30 @@ def read_harmful_hex_phi(path: Path) -> list[AttackTarget]:
     return targets
 
 
+def _do_not_answer_target(path: Path, line: int, record: dict, number: int, unique: _UniqueIds) -> AttackTarget:
+    question = record.get("question")
+    if not isinstance(question, str) or not question.strip():
+        raise FileFormatError(f"{path}:{line}: missing 'question'")
+    raw_id = record.get("id")
+    raw_id = raw_id.strip() if isinstance(raw_id, str) else raw_id
+    category = record.get("risk_area") or record.get("types_of_harm") or ""
+    return AttackTarget(unique(f"dna-{raw_id if raw_id not in (None, '') else number}", line), question.strip(), "",
+                        str(category).strip())
+
+
 def read_do_not_answer(path: Path) -> list[AttackTarget]:
-    targets, unique = [], _UniqueIds(path)
+    """Do-Not-Answer (Wang et al.; LibrAI/do-not-answer): its published CSV (``id, risk_area,
+    types_of_harm, specific_harms, question``, then the models' responses) or JSON lines with those
+    fields. The category is ``risk_area``."""
+    unique = _UniqueIds(path)
+    if path.suffix.lower() == ".csv":
+        return [_do_not_answer_target(path, line, row, number, unique)
+                for line, number, row in _csv_rows(path, ("question",))]
+    targets = []
     for line, record in iter_jsonl(path, what="benchmark file"):
-        question = record.get("question") if isinstance(record, dict) else None
-        if not isinstance(question, str) or not question.strip():
-            raise FileFormatError(f"{path}:{line}: missing 'question'")
-        category = record.get("risk_area") or record.get("types_of_harm") or ""
-        targets.append(AttackTarget(unique(f"dna-{record.get('id', len(targets) + 1)}", line), question.strip(), "",
-                                    str(category)))
+        if not isinstance(record, dict):
+            raise FileFormatError(f"{path}:{line}: expected an object with 'question'")
+        targets.append(_do_not_answer_target(path, line, record, len(targets) + 1, unique))
     return targets
 
 
@@ -151,12 +213,13 @@ def read_lines(path: Path) -> list[AttackTarget]:
 
 READERS: dict[str, Callable[[Path], list[AttackTarget]]] = {
     "strongreject": read_strongreject, "harmbench": read_harmbench, "advbench": read_advbench,
-    "jailbreakbench": read_jailbreakbench, "hex-phi": read_hex_phi, "harmful-hex-phi": read_harmful_hex_phi,
-    "do-not-answer": read_do_not_answer, "lines": read_lines,
+    "jailbreakbench": read_jailbreakbench, "prefills": read_prefills, "prefills-jsonl": read_prefills_jsonl,
+    "hex-phi": read_hex_phi, "harmful-hex-phi": read_harmful_hex_phi, "do-not-answer": read_do_not_answer,
+    "lines": read_lines,
 }
 
-_CSV_SIGNATURES = (("forbidden_prompt", "strongreject"), ("BehaviorID", "harmbench"), ("goal", "advbench"),
-                   ("Goal", "jailbreakbench"))
+_CSV_SIGNATURES = (("prefill", "prefills"), ("forbidden_prompt", "strongreject"), ("BehaviorID", "harmbench"),
+                   ("goal", "advbench"), ("Goal", "jailbreakbench"), ("question", "do-not-answer"))
 
 
 def guess_format(path: Path) -> str:
@@ -167,14 +230,25 @@ def guess_format(path: Path) -> str:
         for column, name in _CSV_SIGNATURES:
             if column in header:
                 return name
-        raise FileFormatError(f"{path}:1: unrecognised CSV header; pass the format explicitly ({', '.join(READERS)})")
+        raise FileFormatError(f"{path}:1: unrecognised CSV header (columns: {', '.join(header) or 'none'}); pass the "
+                              f"format explicitly ({', '.join(READERS)})")
     if suffix in (".jsonl", ".json"):
         for line, record in iter_jsonl(path, what="benchmark file"):
             if isinstance(record, list) or (isinstance(record, dict) and "messages" in record):
                 return "harmful-hex-phi"
-            if isinstance(record, dict) and "question" in record:
+            if not isinstance(record, dict):
+                raise FileFormatError(f"{path}:{line}: expected a JSON object or a list of messages, got "
+                                      f"{type(record).__name__}; pass the format explicitly ({', '.join(READERS)})")
+            if "prompt" in record and "prefill" in record:
+                return "prefills-jsonl"
+            if "question" in record:
                 return "do-not-answer"
-            return "hex-phi"
+            if "instruction" in record or "prompt" in record:
+                return "hex-phi"
+            fields = ", ".join(map(repr, record)) or "none"
+            raise FileFormatError(f"{path}:{line}: unrecognised object (fields: {fields}); expected 'prompt' and "
+                                  "'prefill', 'question', 'instruction' or 'prompt', or 'messages'; pass the format "
+                                  f"explicitly ({', '.join(READERS)})")
         raise FileFormatError(f"{path}: the file has no rows")
     return "lines"
 
