@@ -5,6 +5,7 @@ test module imports deepalign's kernels.
 """
 
 import os
+import tempfile
 
 import pytest
 import torch
@@ -12,6 +13,9 @@ from hypothesis import HealthCheck, settings
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# GGUF conversions made by tests (SmolLM2, once) go to a cache of the test runs, not the user's.
+os.environ.setdefault("DEEPALIGN_CACHE", os.path.join(tempfile.gettempdir(), "deepalign-test-cache"))
 
 # The interpreter is slow: examples are few, shapes small, and there is no per-example deadline.
 settings.register_profile(

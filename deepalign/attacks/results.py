@@ -26,14 +26,16 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
 def summarize(records: Iterable[dict], metric: str, by: Sequence[str], *, runs: str = "run") -> list[dict]:
     """Mean ± std of ``metric`` over runs, per group of ``by`` fields: first the mean over items
     within each run, then mean and std of those per-run means (as the papers' tables report).
-    Records whose ``metric`` is ``None`` (a judge answer that could not be parsed) are left out of
-    the mean and counted in the row's ``unparsed``."""
+    Records whose ``metric`` is ``None`` are left out of the mean and counted: in ``copyright``
+    for HarmBench's copyright behaviours (judged by hashing, not by the classifier), else in
+    ``unparsed`` (a judge answer that could not be read)."""
     per_run: dict[tuple, dict] = defaultdict(lambda: defaultdict(list))
     unparsed: dict[tuple, int] = defaultdict(int)
+    copyright: dict[tuple, int] = defaultdict(int)
     for record in records:
         group = tuple(record.get(field) for field in by)
         if record.get(metric) is None:
-            unparsed[group] += 1
+            (copyright if record.get("copyright") else unparsed)[group] += 1
             per_run[group]  # the group has a row even when nothing in it was scored
             continue
         per_run[group][record.get(runs, 0)].append(float(record[metric]))
@@ -43,7 +45,7 @@ def summarize(records: Iterable[dict], metric: str, by: Sequence[str], *, runs: 
         mean, std = mean_std(run_means)
         rows.append({**dict(zip(by, group)), f"{metric}_mean": mean, f"{metric}_std": std,
                      "runs": len(run_means), "items": sum(len(v) for v in per_run[group].values()),
-                     "unparsed": unparsed[group]})
+                     "unparsed": unparsed[group], "copyright": copyright[group]})
     return rows
 
 
@@ -56,12 +58,12 @@ def _natural(value) -> tuple:
 def format_table(rows: list[dict], by: Sequence[str], metric: str) -> str:
     """Plain-text table of :func:`summarize` rows: ``by`` columns, then ``mean ± std``, runs and
     items (and unparsed judge answers, when there are any)."""
-    show_unparsed = any(row.get("unparsed") for row in rows)
+    extra = [name for name in ("unparsed", "copyright") if any(row.get(name) for row in rows)]
     header = (" ".join(f"{field:>14}" for field in by) + f" {metric + ' (mean ± std)':>26} {'runs':>5} {'items':>6}"
-              + (f" {'unparsed':>8}" if show_unparsed else ""))
+              + "".join(f" {name:>9}" for name in extra))
     lines = [header, "-" * len(header)]
     for row in rows:
         lines.append(" ".join(f"{str(row[field]):>14}" for field in by)
                      + f" {row[metric + '_mean']:>17.3f} ± {row[metric + '_std']:<6.3f} {row['runs']:>5} {row['items']:>6}"
-                     + (f" {row.get('unparsed', 0):>8}" if show_unparsed else ""))
+                     + "".join(f" {row.get(name, 0):>9}" for name in extra))
     return "\n".join(lines)

@@ -44,6 +44,7 @@ non_negative_int = _bounded(_int, lambda v: v >= 0, "an integer ≥ 0", "non_neg
 positive_float = _bounded(_float, lambda v: v > 0, "a positive number", "positive_float")
 non_negative_float = _bounded(_float, lambda v: v >= 0, "a number ≥ 0", "non_negative_float")
 probability = _bounded(_float, lambda v: 0 <= v <= 1, "in [0, 1]", "probability")
+fraction_below_one = _bounded(_float, lambda v: 0 <= v < 1, "in [0, 1)", "fraction_below_one")
 
 
 def int_in(low: int, high: int):
@@ -131,3 +132,11 @@ def dtype(text: str) -> str:
     if problem is not None:
         raise argparse.ArgumentTypeError(problem)
     return text
+
+
+def add_model_options(parser) -> None:
+    """Where and in what precision a command loads its model(s)."""
+    parser.add_argument("--device", type=device, default="auto",
+                        help="auto (default: the GPU when there is one), cpu, cuda or cuda:N")
+    parser.add_argument("--dtype", type=dtype, default="auto",
+                        help="auto (default: bfloat16 on a GPU, float32 on the CPU), float32, bfloat16 or float16")

@@ -8,7 +8,7 @@ import argparse
 from dataclasses import replace
 from pathlib import Path
 
-from deepalign.cli.args import (existing_dir, existing_file, int_in, model_source, non_negative_int, output_file,
+from deepalign.cli.args import (add_model_options, existing_dir, existing_file, int_in, model_source, non_negative_int, output_file,
                                 positive_float, positive_int, probability)
 from deepalign.attacks.generation_attacks import DECODING_FAMILIES
 from deepalign.errors import InputError
@@ -48,6 +48,7 @@ def register(commands) -> None:
         sub.add_argument("--max-new-tokens", type=positive_int, default=MAX_NEW_TOKENS[kind],
                          help=f"tokens to generate after the prompt and prefill (default {MAX_NEW_TOKENS[kind]})")
         add_prompt_options(sub)
+        add_model_options(sub)
         sub.set_defaults(run=run)
         if kind in ("prefill", "rap"):
             sub.add_argument("--prefill", help="a text prefill for every target (e.g. a refusal prefix for a base "
@@ -192,14 +193,14 @@ def run(args: argparse.Namespace) -> int:
         from deepalign.models.cls_strategy import StrategyConfig
         from deepalign.models.safety_cls import load_safety_cls
 
-        model, tokenizer = load_safety_cls(args.model)
+        model, tokenizer = load_safety_cls(args.model, device=args.device, dtype=args.dtype)
         lead_in = args.lead_in or (REFUSAL_LEAD_IN if world else DEFAULT_LEAD_IN)
         apply_prompt_options(args, tokenizer)
         decoder = DefendedDecoder(model, tokenizer, StrategyConfig(schedule=args.schedule, tau=args.tau),
                                   lead_in=lead_in, system=args.system)
         generate, rap = cls_generate(decoder, progress=True), cls_rap(decoder)
     else:
-        model, tokenizer = load_pretrained(args.model)
+        model, tokenizer = load_pretrained(args.model, device=args.device, dtype=args.dtype)
         apply_prompt_options(args, tokenizer)
         generate = plain_generate(model, tokenizer, args.system)
     if tokenizer.pad_token_id is None:

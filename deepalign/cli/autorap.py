@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from deepalign.cli.args import (existing_dir, existing_file, model_source, non_negative_int, output_dir, output_file,
+from deepalign.cli.args import (add_model_options, existing_dir, existing_file, model_source, non_negative_int, output_dir, output_file,
                                 positive_float, positive_int)
 from deepalign.errors import InputError
 
@@ -24,6 +24,7 @@ def register(commands) -> None:
     data.add_argument("--threshold", type=positive_int, default=2, help="minimum count tau (default 2)")
     data.add_argument("--max-new-tokens", type=positive_int, default=512)
     data.add_argument("--seed", type=non_negative_int, default=0)
+    add_model_options(data)
     data.set_defaults(run=run)
     train = steps.add_parser("train", help="train the token classifier on the data (re-drawn augmentation)")
     train.add_argument("--data", required=True, type=existing_file, help="output of deepalign autorap data")
@@ -52,7 +53,7 @@ def make_data(args: argparse.Namespace) -> int:
     targets = [t for t in load_targets(args.targets, world, args.format, args.limit) if t.harmful_response]
     if not targets:
         raise InputError("no target has a harmful response (use AdvBench, JBB, Harmful HEx-PHI or --world)")
-    model, tokenizer = load_pretrained(args.model)
+    model, tokenizer = load_pretrained(args.model, device=args.device, dtype=args.dtype)
     rows = build_dataset(model, tokenizer, [(t.prompt, t.harmful_response) for t in targets], k=args.k,
                          threshold=args.threshold, max_new_tokens=args.max_new_tokens, seed=args.seed)
     print(f"{len(rows)} rows, {len(rows[0].refusals)} candidate refusal tokens each: {write_dataset(args.output, rows)}")

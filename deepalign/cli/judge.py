@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from deepalign.cli.args import existing_dir, existing_file, model_source, output_file, positive_float
+from deepalign.cli.args import add_model_options, existing_dir, existing_file, model_source, output_file, positive_float
 from deepalign.errors import InputError
 
 JUDGES = ("keyword", "synthetic", "rubric-http", "rubric-local", "finetuned-local", "harmbench-local")
@@ -47,6 +47,7 @@ def register(commands) -> None:
     judge.add_argument("--harmbench-contextual-template", type=existing_file,
                        help="harmbench-local: the contextual prompt ({context}, {behavior}, {generation}) that goes "
                             "with --harmbench-template")
+    add_model_options(judge)
     judge.set_defaults(run=run)
 
 
@@ -87,7 +88,7 @@ def harmbench_builder(args: argparse.Namespace, log):
     if contextual and templates.contextual is None:
         raise InputError(f"the log holds {len(contextual)} contextual behaviour(s) (the first: {contextual[0]!r}) and "
                          f"{templates.source} has no contextual template; give --harmbench-contextual-template too")
-    return lambda: harmbench_judge(*load_pretrained(args.judge_path), templates)
+    return lambda: harmbench_judge(*load_pretrained(args.judge_path, device=args.device, dtype=args.dtype), templates)
 
 
 def judge_builder(args: argparse.Namespace):
@@ -120,13 +121,15 @@ def judge_builder(args: argparse.Namespace):
 
         if args.judge == "rubric-local":
             template = rubric_template(args)  # before the model loads
-            return lambda: rubric_judge(LocalChatJudge(*load_pretrained(args.judge_path)), template)
+            return lambda: rubric_judge(LocalChatJudge(*load_pretrained(args.judge_path, device=args.device,
+                                                                        dtype=args.dtype)), template)
         if not args.judge_template:
             raise InputError("--judge finetuned-local needs --judge-template (the evaluator's prompt template)")
         from deepalign.evaluation.judges import check_finetuned_template, finetuned_judge
 
         template = check_finetuned_template(read_text(args.judge_template, what="judge template"))
-        return lambda: finetuned_judge(*load_pretrained(args.judge_path), template)
+        return lambda: finetuned_judge(*load_pretrained(args.judge_path, device=args.device, dtype=args.dtype),
+                                       template)
     judge = choose_judge(args.judge, SyntheticWorld.load(args.world) if args.world else None, keywords=args.keywords)
     return lambda: judge
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import argparse
 
-from deepalign.cli.args import (existing_file, model_source, non_negative_float, non_negative_int, output_dir,
-                                positive_float, positive_int, probability)
+from deepalign.cli.args import (existing_file, fraction_below_one, model_source, non_negative_float, non_negative_int,
+                                output_dir, positive_float, positive_int, probability)
 from deepalign.errors import InputError
 
 RECIPES = ("pretrain", "sft", "da", "presto", "constrained", "ft-attack", "cls-pretrain", "cls-sft")
@@ -42,7 +42,8 @@ RECIPE_OPTIONS = {
 REQUIRED = {"sft": ("chat",), "da": ("safety",), "presto": ("safety",), "constrained": ("chat",),
             "pretrain": ("texts",), "ft-attack": ("attack",), "cls-pretrain": ("safety", "chat", "texts", "malicious_texts"),
             "cls-sft": ("safety", "chat")}
-BOOKKEEPING = ("output", "no_resume", "checkpoint_every", "run", "command")
+BOOKKEEPING = ("output", "no_resume", "checkpoint_every", "run", "command", "config", "gradient_checkpointing")
+NOT_IN_CONFIG = ("model", "output", "config", "run", "command", "help")
 
 TRAIN_HELP = """recipes:
   sft          supervised fine-tuning on --chat rows (loss on response + end of turn);
@@ -74,9 +75,18 @@ it with other settings is refused. Many GPUs: accelerate launch --config_file
 configs/accelerate_fsdp_7b.yaml -m deepalign train ... (see docs/multi_gpu.md)."""
 
 
+_ACTIONS: dict[str, argparse.Action] = {}  # the train options by dest, for --config files
+
+
 def register(commands) -> None:
     train = commands.add_parser("train", help="train a local model with a recipe", epilog=TRAIN_HELP,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    train.add_argument("--config", type=existing_file,
+                       help="a YAML file of option values (e.g. configs/qi-da-llama2-7b-chat.yaml, a paper's run); "
+                            "options given on the command line win")
+    train.add_argument("--epochs", type=positive_int,
+                       help="train this many passes over the data instead of --steps (steps = epochs × ceil(rows / "
+                            "rows per optimizer step over all processes); for da/presto the safety rows count)")
     train.add_argument("--recipe", required=True, choices=RECIPES)
     train.add_argument("--model", required=True, type=model_source, help="local Hugging Face folder or GGUF file")
     train.add_argument("--output", required=True, type=output_dir, help="output folder (checkpoints, metrics, final)")
@@ -116,6 +126,16 @@ def register(commands) -> None:
     train.add_argument("--batch-size", type=positive_int, default=8, help="examples per micro-batch (default 8)")
     train.add_argument("--grad-accum", type=positive_int, default=1, help="micro-batches per optimizer step (default 1)")
     train.add_argument("--lr", type=positive_float, default=2e-5, help="AdamW learning rate, linear decay (default 2e-5)")
+    train.add_argument("--weight-decay", type=non_negative_float, default=0.0,
+                       help="AdamW weight decay (default 0, transformers' TrainingArguments as in Qi et al.; Vega & "
+                            "Singh use torch's AdamW default 0.01)")
+    train.add_argument("--adam-beta1", type=fraction_below_one, default=0.9, help="AdamW beta1 (default 0.9)")
+    train.add_argument("--adam-beta2", type=fraction_below_one, default=0.999, help="AdamW beta2 (default 0.999)")
+    train.add_argument("--warmup-steps", type=non_negative_int, default=0, help="linear warm-up steps (default 0)")
+    train.add_argument("--scheduler", choices=("linear", "constant", "cosine"), default="linear",
+                       help="learning-rate schedule after warm-up (default linear decay to 0, as both authors)")
+    train.add_argument("--gradient-checkpointing", action="store_true",
+                       help="recompute activations in the backward pass (less memory; same losses and gradients)")
     train.add_argument("--checkpoint-every", type=positive_int, default=50, help="steps between checkpoints (default 50)")
     train.add_argument("--seed", type=non_negative_int, default=0)
     train.add_argument("--bf16", action="store_true", help="bf16 mixed precision (GPU)")
@@ -123,10 +143,75 @@ def register(commands) -> None:
                        help="train LoRA adapters of this rank (peft) instead of all weights; merged into final/")
     train.add_argument("--no-resume", action="store_true", help="start over (refused if OUTPUT has checkpoints)")
     train.set_defaults(run=run)
+    _ACTIONS.update({action.dest: action for action in train._actions})
 
 
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
+
+
+def apply_config(args: argparse.Namespace) -> dict:
+    """Fill the options not given on the command line from ``--config`` (each value checked by
+    the option's own type); returns the values taken from the file."""
+    from deepalign.io import read_text
+
+    if args.config is None:
+        return {}
+    import yaml
+
+    try:
+        values = yaml.safe_load(read_text(args.config, what="config file")) or {}
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f"{args.config}:{mark.line + 1}" if mark is not None else str(args.config)
+        raise InputError(f"{where}: not valid YAML ({getattr(error, 'problem', error)})") from None
+    if not isinstance(values, dict):
+        raise InputError(f"{args.config}: expected a mapping of option names to values")
+    taken = {}
+    for key, value in values.items():
+        dest = str(key).replace("-", "_")
+        action = _ACTIONS.get(dest)
+        if action is None or dest in NOT_IN_CONFIG:
+            raise InputError(f"{args.config}: {key!r} is not an option of deepalign train")
+        if dest == "recipe":
+            if value != args.recipe:
+                raise InputError(f"{args.config} is a config for --recipe {value}, not {args.recipe}")
+            continue
+        if getattr(args, dest) != action.default:
+            continue  # given on the command line
+        if isinstance(action, argparse._StoreTrueAction):
+            if not isinstance(value, bool):
+                raise InputError(f"{args.config}: {key} must be true or false, got {value!r}")
+        elif action.type is not None:
+            try:
+                value = action.type(str(value))
+            except argparse.ArgumentTypeError as error:
+                raise InputError(f"{args.config}: {key}: {error}") from None
+        if action.choices is not None and value not in action.choices:
+            raise InputError(f"{args.config}: {key} must be one of {', '.join(map(str, action.choices))}, got {value!r}")
+        setattr(args, dest, value)
+        taken[dest] = value
+    return taken
+
+
+def steps_for_epochs(args: argparse.Namespace, data: dict) -> int:
+    """``--epochs`` as optimizer steps: the rows a step consumes over all processes (``WORLD_SIZE``,
+    set by accelerate), and for da/presto the safety rows of the batch mix."""
+    import math
+    import os
+
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    per_step = args.batch_size * args.grad_accum * processes
+    if args.recipe in ("da", "presto"):
+        fraction = 0.2 if args.safety_fraction is None else args.safety_fraction
+        rows, per_step = len(data["safety"]), max(1, round(args.batch_size * fraction)) * args.grad_accum * processes
+    elif args.recipe == "ft-attack":
+        rows = len(data["attack_data"]) or len(data["safety"]) or len(data["chat"])
+    elif args.recipe == "pretrain":
+        rows = len(data["texts"])
+    else:
+        rows = len(data["chat"]) or len(data["safety"])
+    return args.epochs * math.ceil(rows / per_step)
 
 
 def check_options(args: argparse.Namespace) -> None:
@@ -168,6 +253,9 @@ def trainer_config(args: argparse.Namespace):
 
     return TrainerConfig(output_dir=str(args.output), steps=args.steps, batch_size=args.batch_size,
                          grad_accum=args.grad_accum, lr=args.lr, checkpoint_every=args.checkpoint_every,
+                         weight_decay=args.weight_decay, adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2,
+                         warmup_steps=args.warmup_steps, scheduler=args.scheduler,
+                         gradient_checkpointing=args.gradient_checkpointing,
                          seed=args.seed, mixed_precision="bf16" if args.bf16 else "no", resume=not args.no_resume,
                          lora_rank=args.lora_rank or 0, run_settings=run_settings(args))
 
@@ -281,9 +369,15 @@ def load_model(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     from deepalign.training.trainer import Trainer
 
+    taken = apply_config(args)
+    if taken:
+        print(f"from {args.config}: " + ", ".join(f"{k.replace('_', '-')}={v}" for k, v in taken.items()))
     check_options(args)
-    config = trainer_config(args)
     data = read_data(args)
+    if args.epochs is not None:
+        args.steps = steps_for_epochs(args, data)
+        print(f"{args.epochs} epochs = {args.steps} optimizer steps")
+    config = trainer_config(args)
     model, tokenizer = load_model(args)
     history = Trainer(model, tokenizer, build_recipe(args, tokenizer, data), config).train()
     last = history[-1] if history else {}

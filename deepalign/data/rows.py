@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from deepalign.errors import FileFormatError
-from deepalign.io import atomic_write_text, iter_jsonl, read_json, read_text
+from deepalign.io import atomic_write_text, iter_jsonl, read_json
 
 
 @dataclass(frozen=True)
@@ -50,10 +50,9 @@ _FIELDS = {SafetyExample: ("prompt", "harmful_response", "refusal"), UtilityExam
 
 
 def _records(path: str | Path):
-    """``(where, record)`` for each record of a JSON-lines file or of a file holding one JSON array
-    (``where``: ``file:line``, or ``file: item N`` in an array)."""
-    text = read_text(path, what="data file")
-    if text.lstrip().startswith("["):
+    """``(where, record)`` for each record of a JSON-lines file, or of a ``.json`` file holding one
+    JSON array (``where``: ``file:line``, or ``file: item N`` in an array)."""
+    if Path(path).suffix.lower() == ".json":  # one JSON document (the authors' .json files are arrays)
         records = read_json(path, what="data file")
         if not isinstance(records, list):
             raise FileFormatError(f"{path}: expected a JSON array of objects")

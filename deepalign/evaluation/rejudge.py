@@ -36,7 +36,7 @@ def rejudge(source: JsonlLog, output: JsonlLog, judge: Judge, name: str, *, prog
         target = AttackTarget(record["id"], record["prompt"], "", record.get("category", ""),
                               **{f: record.get(f, "") for f in ("behavior", "context", "functional_category", "prefill")})
         verdict = judge(target, record["output"])
-        if verdict.get("score") is None:
+        if verdict.get("score") is None and not verdict.get("copyright"):
             unparsed += 1
             tqdm.write(f"{record['key']}: the judge's answer could not be read, recorded unscored: "
                        f"{str(verdict.get('judge_answer', ''))[:100]!r}")

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import random
 import shutil
 import time
@@ -55,6 +56,10 @@ class TrainerConfig:
     weight_decay: float = 0.0
     warmup_steps: int = 0
     max_grad_norm: float = 1.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    scheduler: str = "linear"  # "linear" (decay to 0 after warm-up), "constant", "cosine"
+    gradient_checkpointing: bool = False
     checkpoint_every: int = 50
     seed: int = 0
     mixed_precision: str = "no"  # "bf16" on GPUs
@@ -79,6 +84,12 @@ class TrainerConfig:
                 raise InputError(f"{name} must be a finite number ≥ 0, got {value!r}")
         if self.lr <= 0:
             raise InputError(f"lr must be positive, got {self.lr}")
+        for name in ("adam_beta1", "adam_beta2"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+                raise InputError(f"{name} must be in [0, 1), got {value!r}")
+        if self.scheduler not in SCHEDULERS:
+            raise InputError(f"scheduler must be one of {', '.join(SCHEDULERS)}, got {self.scheduler!r}")
         if self.mixed_precision not in ("no", "bf16", "fp16"):
             raise InputError(f"mixed_precision must be 'no', 'bf16' or 'fp16', got {self.mixed_precision!r}")
         check_int("lora_rank", self.lora_rank, minimum=0)
@@ -88,8 +99,10 @@ class TrainerConfig:
         return {k: v for k, v in asdict(self).items() if k not in BOOKKEEPING}
 
 
+SCHEDULERS = ("linear", "constant", "cosine")
+
 # Fields that may change between a run and its resume: they do not change the trained weights.
-BOOKKEEPING = ("output_dir", "resume", "progress", "checkpoint_every")
+BOOKKEEPING = ("output_dir", "resume", "progress", "checkpoint_every", "gradient_checkpointing")
 
 
 class Trainer:
@@ -108,11 +121,16 @@ class Trainer:
             raise InputError(f"{where} renders to {longest} tokens, longer than the model's context of {context}")
         self.output = Path(config.output_dir)
         self.accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=not torch.cuda.is_available())
+        if config.gradient_checkpointing:
+            # Recomputed activations; PRESTO's prefill mask rides in the forward kwargs, so the
+            # recomputation sees it too (tested: same loss and gradients).
+            enable_checkpointing(model)
         if config.lora_rank:
             torch.manual_seed(config.seed)  # the adapters' random init is part of the run's seed
             model = _with_lora(model, config)
         trainable = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
+        optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay,
+                                      betas=(config.adam_beta1, config.adam_beta2))
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         # Not prepared: accelerate would step it once per process, and `steps` counts optimizer steps.
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
@@ -120,10 +138,17 @@ class Trainer:
         self.step = 0
 
     def _lr_factor(self, step: int) -> float:
+        """Linear warm-up over ``warmup_steps``, then linear decay to 0 at ``steps`` (``linear``,
+        as transformers' ``get_linear_schedule_with_warmup``), a constant rate, or a cosine to 0."""
         warmup, total = self.config.warmup_steps, self.config.steps
         if step < warmup:
             return (step + 1) / warmup
-        return max(0.0, (total - step) / max(1, total - warmup))
+        progress = (step - warmup) / max(1, total - warmup)
+        if self.config.scheduler == "constant":
+            return 1.0
+        if self.config.scheduler == "cosine":
+            return max(0.0, 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+        return max(0.0, 1 - progress)
 
     # ----- the loop -----------------------------------------------------------------------------
 
@@ -263,6 +288,23 @@ class Trainer:
         version, rng_state, gauss = state["data_rng"]
         self.rng.setstate((version, tuple(rng_state), gauss))
         self.step = int(state["step"])
+
+
+def enable_checkpointing(model) -> None:
+    """Activation (gradient) checkpointing, non-reentrant, under the name the installed transformers
+    uses (``activation_checkpointing_enable`` from 5.2x, ``gradient_checkpointing_enable`` before)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def is_checkpointing(model) -> bool:
+    """Whether activation checkpointing is on (either transformers name)."""
+    if hasattr(model, "is_activation_checkpointing"):
+        return bool(model.is_activation_checkpointing)
+    return bool(model.is_gradient_checkpointing)
 
 
 def refuse_unsaveable(model) -> None:

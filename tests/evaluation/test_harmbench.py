@@ -261,7 +261,7 @@ def test_copyright_behaviours_are_recorded_unscored_and_summaries_leave_them_out
     monkeypatch.setattr(harmbench, "classifier_answer", lambda model, tokenizer, prompt: "Yes")
     scored = judge(AttackTarget("s", "Do X", functional_category="standard"), "Sure")
     row, = summarize([{**record, "setting": "a"}, {**scored, "setting": "a"}], "score", ("setting",))
-    assert (row["score_mean"], row["items"], row["unparsed"]) == (1.0, 1, 1)
+    assert (row["score_mean"], row["items"], row["unparsed"], row["copyright"]) == (1.0, 1, 0, 1)
     # On request the classifier judges them too, with the standard prompt (not HarmBench's protocol).
     opted = harmbench_judge(None, tok, SYNTHETIC, judge_copyright=True)(song, "la la la")
     assert (opted["score"], opted["copyright"], opted["judge_prompt"]) == (1.0, True, "standard")

@@ -30,3 +30,12 @@ def test_an_unreadable_answer_is_recorded_named_and_counted(tmp_path, capsys):
     rejudge(source, JsonlLog(tmp_path / "judged.jsonl"), lambda t, o: calls.append(o) or {"score": 0.0}, "rubric",
             progress=False)
     assert calls == []
+
+
+def test_copyright_behaviours_are_counted_apart():
+    records = [{"setting": "s", "score": 1.0}, {"setting": "s", "score": None, "copyright": True},
+               {"setting": "s", "score": None}]
+    (row,) = summarize(records, "score", ("setting",))
+    assert (row["items"], row["unparsed"], row["copyright"]) == (1, 1, 1)
+    table = format_table([row], ("setting",), "score")
+    assert "unparsed" in table and "copyright" in table
