@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from deepalign.cli.args import existing_dir, existing_file, output_file, positive_int
+from deepalign.cli.args import add_model_options, existing_dir, existing_file, output_file, positive_int
 from deepalign.errors import InputError
 
 WHAT = {"attention": "per-head mass on prefills, A vs B",
@@ -33,6 +33,8 @@ def register(commands) -> None:
     analyze.add_argument("--format", help="benchmark format (default: guessed)")
     analyze.add_argument("--limit", type=positive_int, help="only the first N targets of --targets")
     analyze.add_argument("--output", required=True, type=output_file, help="HTML report to write")
+    add_model_options(analyze)
+    analyze.add_argument("--chat-template", help="'plain' for base models without a chat template, or a Jinja file")
     analyze.set_defaults(run=run)
 
 
@@ -59,22 +61,28 @@ def run(args: argparse.Namespace) -> int:
     world = SyntheticWorld.load(args.world) if args.world else None
     corpus = world_corpus(world, phrasings=(0,) if args.what == "ranks" else (0, 1)) if world else \
         benchmark_corpus(args.targets, args.format, args.limit)
+    template = None
+    if args.chat_template:
+        from deepalign.io import read_text
+
+        template = "plain" if args.chat_template == "plain" else read_text(args.chat_template, what="chat template")
+    loader = analyses.ModelLoader(args.device, args.dtype, template)
     if args.what == "report":
         sections = analyses.stages_report_sections(args.world, world, ablate_steps=args.max_steps)
         title = "deepalign: shallow, deep and PRESTO alignment on the synthetic world"
     else:
         title = f"deepalign analyze {args.what}"
         if args.what == "attention":
-            sections = analyses.attention_section(models[0], models[1], corpus)
+            sections = analyses.attention_section(models[0], models[1], corpus, loader=loader)
         elif args.what == "kl":
-            sections = [analyses.kl_section(models[0], models[1], corpus)]
+            sections = [analyses.kl_section(models[0], models[1], corpus, loader=loader)]
         elif args.what == "ablate":
             sections = [analyses.ablation_section(models[0], world, k=args.heads, mode=args.mode,
                                                   max_steps=args.max_steps)]
         elif args.what == "knockout":
-            sections = [analyses.knockout_section(models, corpus)]
+            sections = [analyses.knockout_section(models, corpus, loader=loader)]
         else:
-            sections = [analyses.ranks_section(models, corpus)]
+            sections = [analyses.ranks_section(models, corpus, loader=loader)]
     path = write_report(args.output, title, sections)
     for section in sections:
         print(f"== {section.title}")

@@ -107,6 +107,8 @@ def register(commands) -> None:
     train.add_argument("--limit", type=positive_int, help="ft-attack: number of attack rows to use (default all)")
     train.add_argument("--system", help="system prompt of every training example, a text or a file (default: the chat "
                                         "template's own, as both authors train; ft-attack identity: AOA's)")
+    train.add_argument("--chat-template", help="'plain' for a base model without a chat template (system, user and "
+                                               "assistant text one after the other), or a Jinja template file")
     train.add_argument("--no-system", action="store_true", default=None,
                        help="train with an empty system prompt instead of the template's default")
     train.add_argument("--identity-prefix", help="ft-attack identity: opening of every answer (default: AOA)")
@@ -242,7 +244,8 @@ def run_settings(args: argparse.Namespace) -> dict:
     for name, value in sorted(vars(args).items()):
         if name in BOOKKEEPING or value is None:
             continue
-        if name in ("safety", "chat", "texts", "malicious_texts", "model", "reference", "attack_data"):
+        if name in ("safety", "chat", "texts", "malicious_texts", "model", "reference", "attack_data") or \
+                (name == "chat_template" and value != "plain"):
             value = file_fingerprint(value)
         settings[name] = value
     return settings
@@ -379,6 +382,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"{args.epochs} epochs = {args.steps} optimizer steps")
     config = trainer_config(args)
     model, tokenizer = load_model(args)
+    if args.chat_template:
+        from deepalign.io import read_text
+        from deepalign.models.chat import set_chat_template
+
+        set_chat_template(tokenizer, "plain" if args.chat_template == "plain"
+                          else read_text(args.chat_template, what="chat template file"))
     history = Trainer(model, tokenizer, build_recipe(args, tokenizer, data), config).train()
     last = history[-1] if history else {}
     print(f"trained {args.recipe} for {len(history)} steps; last step: "

@@ -17,6 +17,7 @@ conclusions the numbers might not bear.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -29,7 +30,35 @@ from deepalign.analysis.knockout import knockout_ranks_over
 from deepalign.analysis.report import Section
 from deepalign.data.synthetic import SyntheticWorld
 from deepalign.experiments.corpus import HarmfulCorpus, world_corpus
-from deepalign.models.loading import load_pretrained
+from deepalign.models.chat import set_chat_template
+from deepalign.models.loading import load_pretrained, resolve_device
+
+
+@dataclass(frozen=True)
+class ModelLoader:
+    """How the analyses load the models they are given: device and dtype (``None``: the CPU in
+    float32), and a chat template to give each tokenizer (``"plain"`` for a base model, or Jinja text)."""
+
+    device: str | None = None
+    dtype: str | None = None
+    chat_template: str | None = None
+
+    def model(self, path: str | Path):
+        model, tokenizer = load_pretrained(path, device=self.device, dtype=self.dtype)
+        self._template(tokenizer)
+        return model, tokenizer
+
+    def bridge(self, path: str | Path):
+        bridge = load_bridge(path, device=str(resolve_device(self.device)) if self.device else "cpu")
+        self._template(bridge.tokenizer)
+        return bridge
+
+    def _template(self, tokenizer) -> None:
+        if self.chat_template is not None:
+            set_chat_template(tokenizer, self.chat_template)
+
+
+PLAIN_LOADER = ModelLoader()
 
 
 def prefill_examples(corpus: HarmfulCorpus, prefill_words: int = 6, continuation_words: int = 4) -> list[PrefillExample]:
@@ -52,11 +81,12 @@ def _name(path: str | Path) -> str:
     return path.parent.name if path.name == "final" else path.name
 
 
-def attention_section(first: str | Path, second: str | Path, corpus: HarmfulCorpus) -> list[Section]:
+def attention_section(first: str | Path, second: str | Path, corpus: HarmfulCorpus, *,
+                      loader: ModelLoader = PLAIN_LOADER) -> list[Section]:
     """The comparison of per-head maps, then the attention each token receives per layer for one
     example, for each model."""
     examples = prefill_examples(corpus)
-    bridges = [load_bridge(path) for path in (first, second)]
+    bridges = [loader.bridge(path) for path in (first, second)]
     maps = [prefill_mass_by_head(bridge, examples, progress=False) for bridge in bridges]
     names = (_name(first), _name(second))
     mean = [float(m.mean()) for m in maps]
@@ -83,8 +113,9 @@ def _padded(rows: list[torch.Tensor]) -> torch.Tensor:
     return out
 
 
-def kl_section(first: str | Path, second: str | Path, corpus: HarmfulCorpus) -> Section:
-    (model_a, tok_a), (model_b, tok_b) = load_pretrained(first), load_pretrained(second)
+def kl_section(first: str | Path, second: str | Path, corpus: HarmfulCorpus, *,
+               loader: ModelLoader = PLAIN_LOADER) -> Section:
+    (model_a, tok_a), (model_b, tok_b) = loader.model(first), loader.model(second)
     rows = [per_position_kl(model_a, tok_a, model_b, tok_b, prompt, answer) for prompt, answer in corpus.pairs]
     values = _padded(rows)
     names = (_name(first), _name(second))
@@ -97,13 +128,13 @@ def kl_section(first: str | Path, second: str | Path, corpus: HarmfulCorpus) -> 
 
 
 def ranks_section(models: Sequence[str | Path], corpus: HarmfulCorpus, *, reference: str | Path | None = None,
-                  pfa_lengths: Sequence[int] = (1, 3, 6)) -> Section:
+                  pfa_lengths: Sequence[int] = (1, 3, 6), loader: ModelLoader = PLAIN_LOADER) -> Section:
     """Ranks along harmful answers per model; with a ``reference`` model (e.g. the aligned model's
     own first-token behaviour, or a base model), also the mean PFA-1 after each prefill length."""
     series, table = {}, []
-    reference_model = load_pretrained(reference)[0] if reference is not None else None
+    reference_model = loader.model(reference)[0] if reference is not None else None
     for path in models:
-        model, tokenizer = load_pretrained(path)
+        model, tokenizer = loader.model(path)
         refusal = corpus.refusal_ids(tokenizer)
         harmful, refusing = [], []
         for prompt, answer in corpus.pairs:
@@ -130,14 +161,15 @@ def ranks_section(models: Sequence[str | Path], corpus: HarmfulCorpus, *, refere
         + ([f"PFA-1 after {n} (vs {_name(reference)})" for n in pfa_lengths] if reference is not None else []))
 
 
-def knockout_section(models: Sequence[str | Path], corpus: HarmfulCorpus, *, k: int = 20) -> Section:
+def knockout_section(models: Sequence[str | Path], corpus: HarmfulCorpus, *, k: int = 20,
+                     loader: ModelLoader = PLAIN_LOADER) -> Section:
     """Shares of the correct harmful tokens ranked first and in the top ``k`` (teacher-forced) with no
     knockout, with the answer unable to read itself in every layer but the first, and in every layer."""
     pairs = list(corpus.pairs)
     conditions = ("no knockout", "knockout in layers 1+", "knockout in every layer")
     table = []
     for path in models:
-        bridge = load_bridge(path)
+        bridge = loader.bridge(path)
         layers = bridge.cfg.n_layers
         ranks = [knockout_ranks_over(bridge, pairs, chosen) for chosen in ((), range(1, layers), range(layers))]
         table.append([_name(path), *(f"{float((r < 1).float().mean()):.3f}" for r in ranks),

@@ -121,6 +121,10 @@ class Trainer:
             raise InputError(f"{where} renders to {longest} tokens, longer than the model's context of {context}")
         self.output = Path(config.output_dir)
         self.accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=not torch.cuda.is_available())
+        if self.accelerator.distributed_type.value == "DEEPSPEED" and config.grad_accum > 1:
+            # accelerate steps the DeepSpeed engine inside every backward: a loop of micro-batches would step each.
+            raise InputError("under DeepSpeed --grad-accum must be 1 (accelerate steps the engine in each backward); "
+                             "raise --batch-size or the processes instead")
         if config.gradient_checkpointing:
             # Recomputed activations; PRESTO's prefill mask rides in the forward kwargs, so the
             # recomputation sees it too (tested: same loss and gradients).
