@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from deepalign.cli.args import add_model_options, existing_dir, existing_file, output_file, positive_int
+from deepalign.cli.args import add_chat_template_option, add_model_options, chat_template_text, existing_dir, existing_file, output_file, positive_int
 from deepalign.errors import InputError
 
 WHAT = {"attention": "per-head mass on prefills, A vs B",
@@ -34,7 +34,7 @@ def register(commands) -> None:
     analyze.add_argument("--limit", type=positive_int, help="only the first N targets of --targets")
     analyze.add_argument("--output", required=True, type=output_file, help="HTML report to write")
     add_model_options(analyze)
-    analyze.add_argument("--chat-template", help="'plain' for base models without a chat template, or a Jinja file")
+    add_chat_template_option(analyze)
     analyze.set_defaults(run=run)
 
 
@@ -61,12 +61,7 @@ def run(args: argparse.Namespace) -> int:
     world = SyntheticWorld.load(args.world) if args.world else None
     corpus = world_corpus(world, phrasings=(0,) if args.what == "ranks" else (0, 1)) if world else \
         benchmark_corpus(args.targets, args.format, args.limit)
-    template = None
-    if args.chat_template:
-        from deepalign.io import read_text
-
-        template = "plain" if args.chat_template == "plain" else read_text(args.chat_template, what="chat template")
-    loader = analyses.ModelLoader(args.device, args.dtype, template)
+    loader = analyses.ModelLoader(args.device, args.dtype, chat_template_text(args.chat_template))
     if args.what == "report":
         sections = analyses.stages_report_sections(args.world, world, ablate_steps=args.max_steps)
         title = "deepalign: shallow, deep and PRESTO alignment on the synthetic world"

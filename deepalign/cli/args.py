@@ -140,3 +140,17 @@ def add_model_options(parser) -> None:
                         help="auto (default: the GPU when there is one), cpu, cuda or cuda:N")
     parser.add_argument("--dtype", type=dtype, default="auto",
                         help="auto (default: bfloat16 on a GPU, float32 on the CPU), float32, bfloat16 or float16")
+
+
+def add_chat_template_option(parser) -> None:
+    parser.add_argument("--chat-template", help="'plain' for a base model without a chat template (system, user and "
+                                                "assistant text one after the other), or a Jinja template file")
+
+
+def chat_template_text(value: str | None) -> str | None:
+    """The ``--chat-template`` value as template text (``"plain"`` stays as it is)."""
+    from deepalign.io import read_text
+
+    if not value or value == "plain":
+        return value or None
+    return read_text(value, what="chat template file")

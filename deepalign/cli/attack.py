@@ -8,7 +8,7 @@ import argparse
 from dataclasses import replace
 from pathlib import Path
 
-from deepalign.cli.args import (add_model_options, existing_dir, existing_file, int_in, model_source, non_negative_int, output_file,
+from deepalign.cli.args import (add_chat_template_option, add_model_options, chat_template_text, existing_dir, existing_file, int_in, model_source, non_negative_int, output_file,
                                 positive_float, positive_int, probability)
 from deepalign.attacks.generation_attacks import DECODING_FAMILIES
 from deepalign.errors import InputError
@@ -79,19 +79,15 @@ def register(commands) -> None:
 def add_prompt_options(parser) -> None:
     """How prompts reach the model: system prompt and chat template (every command that loads one)."""
     parser.add_argument("--system", help="system prompt (default: the chat template's own default)")
-    parser.add_argument("--chat-template", help="'plain' for a base model without a chat template (system, user "
-                                                "and assistant text one after the other), or a Jinja template file")
+    add_chat_template_option(parser)
 
 
 def apply_prompt_options(args: argparse.Namespace, tokenizer) -> None:
     """Give the tokenizer the chosen template and check that prompts can be laid out with it."""
-    from deepalign.io import read_text
     from deepalign.models.chat import set_chat_template, template_parts
 
     if args.chat_template:
-        template = args.chat_template if args.chat_template == "plain" else read_text(args.chat_template,
-                                                                                     what="chat template file")
-        set_chat_template(tokenizer, template)
+        set_chat_template(tokenizer, chat_template_text(args.chat_template))
     try:
         template_parts(tokenizer, "x", args.system)
     except ValueError as error:

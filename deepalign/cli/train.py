@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from deepalign.cli.args import (existing_file, fraction_below_one, model_source, non_negative_float, non_negative_int,
+from deepalign.cli.args import (add_chat_template_option, chat_template_text, existing_file, fraction_below_one, model_source, non_negative_float, non_negative_int,
                                 output_dir, positive_float, positive_int, probability)
 from deepalign.errors import InputError
 
@@ -107,8 +107,7 @@ def register(commands) -> None:
     train.add_argument("--limit", type=positive_int, help="ft-attack: number of attack rows to use (default all)")
     train.add_argument("--system", help="system prompt of every training example, a text or a file (default: the chat "
                                         "template's own, as both authors train; ft-attack identity: AOA's)")
-    train.add_argument("--chat-template", help="'plain' for a base model without a chat template (system, user and "
-                                               "assistant text one after the other), or a Jinja template file")
+    add_chat_template_option(train)
     train.add_argument("--no-system", action="store_true", default=None,
                        help="train with an empty system prompt instead of the template's default")
     train.add_argument("--identity-prefix", help="ft-attack identity: opening of every answer (default: AOA)")
@@ -383,11 +382,9 @@ def run(args: argparse.Namespace) -> int:
     config = trainer_config(args)
     model, tokenizer = load_model(args)
     if args.chat_template:
-        from deepalign.io import read_text
         from deepalign.models.chat import set_chat_template
 
-        set_chat_template(tokenizer, "plain" if args.chat_template == "plain"
-                          else read_text(args.chat_template, what="chat template file"))
+        set_chat_template(tokenizer, chat_template_text(args.chat_template))
     history = Trainer(model, tokenizer, build_recipe(args, tokenizer, data), config).train()
     last = history[-1] if history else {}
     print(f"trained {args.recipe} for {len(history)} steps; last step: "
