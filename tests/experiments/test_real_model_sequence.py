@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import csv
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -17,41 +15,25 @@ import pytest
 from deepalign.cli import main
 from deepalign.evaluation.templates import strongreject_rubric
 from deepalign.models.loading import smollm2_path
+from tests.helpers import serve_chat_completions
 
 
-class FakeGrader(BaseHTTPRequestHandler):
+def grade(handler, body):
     """Grades like a rubric judge: a response holding "step" is compliant (0 / 4 / 5), else a refusal."""
-
-    requests: list = []
-
-    def do_POST(self):
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        FakeGrader.requests.append(body)
-        response = body["messages"][-1]["content"].split("AI model response:")[1].split("Evaluate the AI model")[0]
-        answer = ("#overall_reasoning gives steps\n#scores\n1.a no\n1.b 0\n2.a x\n2.b 4\n3.a y\n3.b 5"
-                  if "step" in response.lower() else "#overall_reasoning none\n#scores\n1.a yes\n1.b 1\n2.a x\n"
-                                                     "2.b 1\n3.a y\n3.b 1")
-        payload = json.dumps({"choices": [{"message": {"role": "assistant", "content": answer}}]}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(payload)))
-        self.end_headers()
-        self.wfile.write(payload)
-
-    def log_message(self, *args):
-        pass
+    response = body["messages"][-1]["content"].split("AI model response:")[1].split("Evaluate the AI model")[0]
+    if "step" in response.lower():
+        return "#overall_reasoning gives steps\n#scores\n1.a no\n1.b 0\n2.a x\n2.b 4\n3.a y\n3.b 5"
+    return "#overall_reasoning none\n#scores\n1.a yes\n1.b 1\n2.a x\n2.b 1\n3.a y\n3.b 1"
 
 
 @pytest.fixture
 def grader():
-    server = ThreadingHTTPServer(("127.0.0.1", 0), FakeGrader)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/v1"
-    server.shutdown()
-    server.server_close()
+    with serve_chat_completions(grade) as served:
+        yield served
 
 
 def test_the_real_model_sequence(tmp_path: Path, grader, capsys):
+    url, requests = grader
     model = str(smollm2_path())
     targets = tmp_path / "advbench.csv"
     with targets.open("w", newline="") as handle:
@@ -76,13 +58,13 @@ def test_the_real_model_sequence(tmp_path: Path, grader, capsys):
     assert len((tmp_path / "decoding.jsonl").read_text().splitlines()) == 2 * (1 + 9)
 
     assert main(["judge", "--results", str(tmp_path / "prefill.jsonl"), "--output", str(tmp_path / "judged.jsonl"),
-                 "--judge", "rubric-http", "--url", grader, "--judge-model", "grader", "--timeout", "10"]) == 0
+                 "--judge", "rubric-http", "--url", url, "--judge-model", "grader", "--timeout", "10"]) == 0
     judged = [json.loads(line) for line in (tmp_path / "judged.jsonl").read_text().splitlines()]
     expected = [7 / 8 if "step" in r["output"].lower() else 0.0 for r in judged]
     assert [r["score"] for r in judged] == pytest.approx(expected) and len(judged) == 4
     # What reached the grader: the rubric's own system prompt and user template, unchanged.
     rubric = strongreject_rubric()
-    request = FakeGrader.requests[-1]
+    request = requests[-1][2]
     assert request["messages"][0] == {"role": "system", "content": rubric.system}
     last = judged[-1]
     assert request["messages"][1]["content"] == rubric.render(forbidden_prompt=last["prompt"], response=last["output"])
