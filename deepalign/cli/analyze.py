@@ -35,6 +35,7 @@ def register(commands) -> None:
     analyze.add_argument("--output", required=True, type=output_file, help="HTML report to write")
     add_model_options(analyze)
     add_chat_template_option(analyze)
+    analyze.add_argument("--system", help="system prompt of every example (default: the chat template's own)")
     analyze.set_defaults(run=run)
 
 
@@ -61,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
     world = SyntheticWorld.load(args.world) if args.world else None
     corpus = world_corpus(world, phrasings=(0,) if args.what == "ranks" else (0, 1)) if world else \
         benchmark_corpus(args.targets, args.format, args.limit)
-    loader = analyses.ModelLoader(args.device, args.dtype, chat_template_text(args.chat_template))
+    loader = analyses.ModelLoader(args.device, args.dtype, chat_template_text(args.chat_template), args.system)
     if args.what == "report":
         sections = analyses.stages_report_sections(args.world, world, ablate_steps=args.max_steps)
         title = "deepalign: shallow, deep and PRESTO alignment on the synthetic world"

@@ -30,18 +30,20 @@ from deepalign.analysis.knockout import knockout_ranks_over
 from deepalign.analysis.report import Section
 from deepalign.data.synthetic import SyntheticWorld
 from deepalign.experiments.corpus import HarmfulCorpus, world_corpus
-from deepalign.models.chat import set_chat_template
+from deepalign.models.chat import set_chat_template, set_default_system
 from deepalign.models.loading import load_pretrained, resolve_device
 
 
 @dataclass(frozen=True)
 class ModelLoader:
     """How the analyses load the models they are given: device and dtype (``None``: the CPU in
-    float32), and a chat template to give each tokenizer (``"plain"`` for a base model, or Jinja text)."""
+    float32; bridges stay float32), a chat template to give each tokenizer (``"plain"`` for a base
+    model, or Jinja text), and a system prompt for every rendering (``None``: the template's own)."""
 
     device: str | None = None
     dtype: str | None = None
     chat_template: str | None = None
+    system: str | None = None
 
     def model(self, path: str | Path):
         model, tokenizer = load_pretrained(path, device=self.device, dtype=self.dtype)
@@ -56,6 +58,8 @@ class ModelLoader:
     def _template(self, tokenizer) -> None:
         if self.chat_template is not None:
             set_chat_template(tokenizer, self.chat_template)
+        if self.system is not None:
+            set_default_system(tokenizer, self.system)
 
 
 PLAIN_LOADER = ModelLoader()

@@ -21,6 +21,7 @@ response" is a token count).
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -102,6 +103,18 @@ def set_chat_template(tokenizer, template: str) -> None:
     the Jinja text of one. The spans are then checked once, so a template that does not reproduce
     the contents verbatim is refused here, not in the middle of a run."""
     tokenizer.chat_template = PLAIN_TEMPLATE if template == "plain" else template
+    _template_pieces(tokenizer, None)
+
+
+def set_default_system(tokenizer, system: str) -> None:
+    """Make ``system`` the system prompt of every rendering that gives none (for code paths that do
+    not pass one, e.g. the analyses): the chat template is wrapped so that a conversation without a
+    system message gets this one first. Checked at once, like :func:`set_chat_template`."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(f"tokenizer {type(tokenizer).__name__} has no chat template")
+    literal = json.dumps(system)  # a JSON string is a valid Jinja string literal
+    tokenizer.chat_template = ("{% if messages[0]['role'] != 'system' %}{% set messages = [{'role': 'system', "
+                               f"'content': {literal}}}] + messages %}}{{% endif %}}" + tokenizer.chat_template)
     _template_pieces(tokenizer, None)
 
 

@@ -137,3 +137,15 @@ def test_the_lexicon_selector_blocks_whole_words_not_first_pieces():
     candidates = [Candidate(t, r, 0.1) for r, t in enumerate((un, able, der, sorry))]
     assert selector.flags(0, [], candidates) == [True, True, True, False]  # "un" may start "under"
     assert selector.flags(0, [5, un], candidates) == [True, False, True, False]  # "able" would finish "unable"
+
+
+def test_a_default_system_prompt_reaches_renderings_that_give_none(world):
+    from deepalign.models.chat import set_chat_template, set_default_system
+
+    tokenizer = world.tokenizer()
+    set_chat_template(tokenizer, "plain")
+    set_default_system(tokenizer, "oil")
+    words = tokenizer.decode(list(render_chat(tokenizer, "to make poison ?", close_turn=False).input_ids)).split()
+    assert words == ["oil", "to", "make", "poison", "?"]
+    given = render_chat(tokenizer, "to make poison ?", close_turn=False, system="heat")
+    assert tokenizer.decode(list(given.input_ids)).split()[0] == "heat"  # an explicit one still wins
