@@ -36,7 +36,7 @@ def summarize(records: Iterable[dict], metric: str, by: Sequence[str], *, runs: 
         group = tuple(record.get(field) for field in by)
         if record.get(metric) is None:
             (copyright if record.get("copyright") else unparsed)[group] += 1
-            per_run[group]  # the group has a row even when nothing in it was scored
+            per_run.setdefault(group, defaultdict(list))  # a row even when nothing in it was scored
             continue
         per_run[group][record.get(runs, 0)].append(float(record[metric]))
     rows = []

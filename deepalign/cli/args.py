@@ -81,10 +81,7 @@ def output_file(text: str) -> Path:
     path = Path(text)
     if path.is_dir():
         raise argparse.ArgumentTypeError(f"{text}: is a directory; give a file path")
-    blocker = blocking_ancestor(path)
-    if blocker is not None:
-        raise argparse.ArgumentTypeError(f"{text}: {blocker} is a file, so nothing can be written under it")
-    return path
+    return _not_under_a_file(path, text)
 
 
 def output_dir(text: str) -> Path:
@@ -92,6 +89,10 @@ def output_dir(text: str) -> Path:
     path = Path(text)
     if path.exists() and not path.is_dir():
         raise argparse.ArgumentTypeError(f"{text}: is a file; give a folder")
+    return _not_under_a_file(path, text)
+
+
+def _not_under_a_file(path: Path, text: str) -> Path:
     blocker = blocking_ancestor(path)
     if blocker is not None:
         raise argparse.ArgumentTypeError(f"{text}: {blocker} is a file, so nothing can be written under it")

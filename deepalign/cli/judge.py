@@ -134,11 +134,6 @@ def judge_builder(args: argparse.Namespace):
     return lambda: judge
 
 
-def make_judge(args: argparse.Namespace):
-    """The judge ``args`` ask for (its model loaded)."""
-    return judge_builder(args)()
-
-
 def run(args: argparse.Namespace) -> int:
     from deepalign.attacks.runner import summary
     from deepalign.evaluation.rejudge import rejudge
