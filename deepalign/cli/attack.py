@@ -1,6 +1,6 @@
 """``deepalign attack {prefill,rap,decoding}``: attack a local model on a benchmark file or the
 synthetic world; every output is judged and logged as a JSON line (rerunning resumes; rerunning
-with settings that change the outputs is refused)."""
+with settings that change the outputs is refused). ``gcg`` and ``embedding``: :mod:`.attack_gcg`."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ MAX_NEW_TOKENS = {"prefill": 512, "rap": 256, "decoding": 256}
 
 
 def register(commands) -> None:
-    attack = commands.add_parser("attack", help="attack a local model (prefill, rap, decoding)")
+    attack = commands.add_parser("attack", help="attack a local model (prefill, rap, decoding, gcg, embedding)")
     kinds = attack.add_subparsers(dest="kind", required=True, metavar="KIND")
     for kind, help_text in HELP.items():
         sub = kinds.add_parser(kind, help=help_text)
@@ -74,6 +74,9 @@ def register(commands) -> None:
                              help="steps per prompt, each a pick or a backtrack (default 256: DEFAULT_MAX_STEPS of "
                                   "Vega & Singh's rap.py, uiuc-focal-lab/push-forward-alignment)")
             sub.add_argument("--prefill-tokens", type=non_negative_int, default=0, help="start from N harmful tokens")
+    from deepalign.cli import attack_gcg  # gcg and embedding: optimisation attacks (their own module)
+
+    attack_gcg.register(kinds)
 
 
 def add_prompt_options(parser) -> None:
