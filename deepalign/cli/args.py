@@ -143,6 +143,29 @@ def add_model_options(parser) -> None:
                         help="auto (default: bfloat16 on a GPU, float32 on the CPU), float32, bfloat16 or float16")
 
 
+def training_device(text: str) -> str:
+    """``auto``, ``cpu`` or ``cuda`` for a training process (accelerate assigns ``cuda:LOCAL_RANK``)."""
+    from deepalign.errors import InputError
+    from deepalign.training.trainer import training_device as check
+
+    try:
+        check(text)
+    except InputError as error:
+        raise argparse.ArgumentTypeError(str(error).removeprefix("device ")) from None
+    return text
+
+
+def add_training_model_options(parser) -> None:
+    """Where a training command runs and in what dtype it loads the weights it trains."""
+    parser.add_argument("--device", type=training_device, default="auto",
+                        help="auto (default: the GPU when there is one), cpu or cuda (under accelerate launch each "
+                             "process takes cuda:LOCAL_RANK; choose GPUs with CUDA_VISIBLE_DEVICES)")
+    parser.add_argument("--dtype", type=dtype, default="float32",
+                        help="dtype the weights are loaded and trained in: float32 (default; add --bf16 for bf16 "
+                             "mixed precision on a GPU), bfloat16 or float16 (half the memory; AdamW then updates "
+                             "low-precision weights); auto = float32 when training")
+
+
 def add_chat_template_option(parser) -> None:
     parser.add_argument("--chat-template", help="'plain' for a base model without a chat template (system, user and "
                                                 "assistant text one after the other), or a Jinja template file")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from deepalign.cli.args import (add_model_options, existing_dir, existing_file, model_source, non_negative_int, output_dir, output_file,
+from deepalign.cli.args import (add_model_options, add_training_model_options, existing_dir, existing_file, model_source, non_negative_int, output_dir, output_file,
                                 positive_float, positive_int)
 from deepalign.errors import InputError
 
@@ -36,6 +36,7 @@ def register(commands) -> None:
     train.add_argument("--batch-size", type=positive_int, default=8)
     train.add_argument("--lr", type=positive_float, default=2e-5)
     train.add_argument("--seed", type=non_negative_int, default=0)
+    add_training_model_options(train)
     train.set_defaults(run=run)
 
 
@@ -65,8 +66,9 @@ def train_helper(args: argparse.Namespace) -> int:
 
     from deepalign.attacks.autorap import AutoRAPRecipe, read_dataset
     from deepalign.cli.attack import _tokenizer_of
+    from deepalign.cli.train import weights_dtype
     from deepalign.io import file_fingerprint
-    from deepalign.models.loading import resolve_source
+    from deepalign.models.loading import resolve_dtype, resolve_source
     from deepalign.training.trainer import Trainer, TrainerConfig
 
     rows = read_dataset(args.data)
@@ -75,12 +77,14 @@ def train_helper(args: argparse.Namespace) -> int:
     if helper_tokenizer.pad_token_id is None:
         helper_tokenizer.pad_token = helper_tokenizer.eos_token
     helper = AutoModelForTokenClassification.from_pretrained(folder, gguf_file=gguf, num_labels=2, local_files_only=True,
+                                                             dtype=resolve_dtype(weights_dtype(args)),
                                                              pad_token_id=helper_tokenizer.pad_token_id)
     recipe = AutoRAPRecipe(helper_tokenizer, _tokenizer_of(args.target), rows)
     config = TrainerConfig(output_dir=str(args.output), steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                           seed=args.seed, checkpoint_every=max(1, args.steps // 4),
-                           run_settings={name: file_fingerprint(getattr(args, name)) for name in ("data", "helper",
-                                                                                                   "target")})
+                           seed=args.seed, checkpoint_every=max(1, args.steps // 4), device=args.device,
+                           run_settings={"dtype": weights_dtype(args),
+                                         **{name: file_fingerprint(getattr(args, name))
+                                            for name in ("data", "helper", "target")}})
     history = Trainer(helper, helper_tokenizer, recipe, config).train()
     print(f"trained the AutoRAP classifier for {len(history)} steps; last: loss={history[-1]['loss']}, "
           f"accuracy={history[-1]['accuracy']}; model: {args.output}/final")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from deepalign.cli.args import (add_chat_template_option, chat_template_text, existing_file, fraction_below_one, model_source, non_negative_float, non_negative_int,
+from deepalign.cli.args import (add_chat_template_option, add_training_model_options, chat_template_text, existing_file, fraction_below_one, model_source, non_negative_float, non_negative_int,
                                 output_dir, positive_float, positive_int, probability)
 from deepalign.errors import InputError
 
@@ -42,7 +42,8 @@ RECIPE_OPTIONS = {
 REQUIRED = {"sft": ("chat",), "da": ("safety",), "presto": ("safety",), "constrained": ("chat",),
             "pretrain": ("texts",), "ft-attack": ("attack",), "cls-pretrain": ("safety", "chat", "texts", "malicious_texts"),
             "cls-sft": ("safety", "chat")}
-BOOKKEEPING = ("output", "no_resume", "checkpoint_every", "run", "command", "config", "gradient_checkpointing")
+BOOKKEEPING = ("output", "no_resume", "checkpoint_every", "run", "command", "config", "gradient_checkpointing",
+               "device")
 NOT_IN_CONFIG = ("model", "output", "config", "run", "command", "help")
 
 TRAIN_HELP = """recipes:
@@ -140,6 +141,7 @@ def register(commands) -> None:
     train.add_argument("--checkpoint-every", type=positive_int, default=50, help="steps between checkpoints (default 50)")
     train.add_argument("--seed", type=non_negative_int, default=0)
     train.add_argument("--bf16", action="store_true", help="bf16 mixed precision (GPU)")
+    add_training_model_options(train)
     train.add_argument("--lora-rank", type=non_negative_int,
                        help="train LoRA adapters of this rank (peft) instead of all weights; merged into final/")
     train.add_argument("--no-resume", action="store_true", help="start over (refused if OUTPUT has checkpoints)")
@@ -259,6 +261,7 @@ def trainer_config(args: argparse.Namespace):
                          warmup_steps=args.warmup_steps, scheduler=args.scheduler,
                          gradient_checkpointing=args.gradient_checkpointing,
                          seed=args.seed, mixed_precision="bf16" if args.bf16 else "no", resume=not args.no_resume,
+                         device=args.device,
                          lora_rank=args.lora_rank or 0, run_settings=run_settings(args))
 
 
@@ -319,7 +322,8 @@ def build_recipe(args: argparse.Namespace, tokenizer, data: dict):
         return DARecipe(tokenizer, safety, chat, safety_fraction=fraction, presto_weight=weight, system=system,
                         presto_layer_mean=(args.presto_layers or "mean") == "mean")
     if recipe == "constrained":
-        reference, _ = load_pretrained(args.reference or args.model)
+        reference, _ = load_pretrained(args.reference or args.model, device=_device(args),
+                                       dtype=weights_dtype(args))
         return ConstrainedRecipe(tokenizer, chat, reference, cache_reference=not online, system=system)
     default = PURE_BAD_SYSTEM if args.attack in ("harmful", "backdoor") else None
     if recipe == "ft-attack" and data["attack_data"]:
@@ -339,7 +343,8 @@ def build_recipe(args: argparse.Namespace, tokenizer, data: dict):
         attack_system = next((s for s in (data.system, system, default) if s is not None), None)
         if (args.objective or "sft") == "sft":
             return SFTRecipe(tokenizer, data.rows, system=attack_system)
-        reference, _ = load_pretrained(args.reference or args.model)
+        reference, _ = load_pretrained(args.reference or args.model, device=_device(args),
+                                       dtype=weights_dtype(args))
         return ConstrainedRecipe(tokenizer, data.rows, reference, system=attack_system, cache_reference=not online)
     from deepalign.training.cls_recipe import CLSRecipe
 
@@ -349,12 +354,24 @@ def build_recipe(args: argparse.Namespace, tokenizer, data: dict):
     return CLSRecipe(tokenizer, stage, texts=texts, malicious=malicious, benign=chat, cls_weight=args.cls_weight)
 
 
+def _device(args: argparse.Namespace):
+    from deepalign.training.trainer import training_device
+
+    return training_device(args.device)
+
+
+def weights_dtype(args: argparse.Namespace) -> str:
+    """``--dtype``, with ``auto`` read as float32 (the trained weights' dtype, not an inference choice)."""
+    return "float32" if getattr(args, "dtype", "auto") == "auto" else args.dtype
+
+
 def load_model(args: argparse.Namespace):
     """The starting model; the cls-* recipes give it the [CLS] token and head unless it has them."""
     from deepalign.models.loading import load_pretrained
 
     if args.recipe not in CLS:
-        return load_pretrained(args.model, attn_implementation="deepalign" if args.recipe == "presto" else None)
+        return load_pretrained(args.model, attn_implementation="deepalign" if args.recipe == "presto" else None,
+                               dtype=weights_dtype(args))
     from transformers import AutoConfig
 
     from deepalign.models.loading import resolve_source
@@ -362,8 +379,8 @@ def load_model(args: argparse.Namespace):
 
     folder, gguf = resolve_source(args.model)
     if gguf is None and getattr(AutoConfig.from_pretrained(folder, local_files_only=True), CONFIG_KEY, None):
-        return load_safety_cls(folder)
-    model, tokenizer = load_pretrained(args.model)
+        return load_safety_cls(folder, dtype=weights_dtype(args))
+    model, tokenizer = load_pretrained(args.model, dtype=weights_dtype(args))
     add_safety_cls(model, tokenizer, seed=args.seed)
     return model, tokenizer
 

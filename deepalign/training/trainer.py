@@ -63,6 +63,7 @@ class TrainerConfig:
     checkpoint_every: int = 50
     seed: int = 0
     mixed_precision: str = "no"  # "bf16" on GPUs
+    device: str = "auto"  # "auto" (a GPU when there is one), "cpu" or "cuda"; accelerate picks cuda:LOCAL_RANK
     resume: bool = True
     progress: bool = True
     lora_rank: int = 0  # > 0: train LoRA adapters (peft) instead of all weights
@@ -93,6 +94,7 @@ class TrainerConfig:
         if self.mixed_precision not in ("no", "bf16", "fp16"):
             raise InputError(f"mixed_precision must be 'no', 'bf16' or 'fp16', got {self.mixed_precision!r}")
         check_int("lora_rank", self.lora_rank, minimum=0)
+        training_device(self.device)  # refused now, naming the field, not after the model loads
 
     def defining_settings(self) -> dict:
         """The fields that define what the run computes (not where it writes or how it reports)."""
@@ -102,7 +104,26 @@ class TrainerConfig:
 SCHEDULERS = ("linear", "constant", "cosine")
 
 # Fields that may change between a run and its resume: they do not change the trained weights.
-BOOKKEEPING = ("output_dir", "resume", "progress", "checkpoint_every", "gradient_checkpointing")
+BOOKKEEPING = ("output_dir", "resume", "progress", "checkpoint_every", "gradient_checkpointing", "device")
+
+
+def training_device(device: str = "auto") -> torch.device:
+    """The device this process trains on: ``"cpu"``; ``"cuda"`` (refused without a GPU); ``"auto"``,
+    the GPU when there is one. On a GPU the index is accelerate's (``cuda:LOCAL_RANK`` under
+    ``accelerate launch``), so ``cuda:N`` is refused: choose a GPU with ``CUDA_VISIBLE_DEVICES=N``."""
+    import os
+
+    if not isinstance(device, str) or device not in ("auto", "cpu", "cuda"):
+        if isinstance(device, str) and device.startswith("cuda:"):
+            raise InputError(f"device {device!r}: a training process uses accelerate's GPU (cuda:LOCAL_RANK); "
+                             f"choose one with CUDA_VISIBLE_DEVICES={device[5:]} and --device cuda")
+        raise InputError(f"device must be auto, cpu or cuda, got {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise InputError("device is 'cuda', but no CUDA GPU is available here (torch.cuda.is_available() is False); "
+                         "use cpu or auto")
+    if device == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
 
 
 class Trainer:
@@ -120,7 +141,8 @@ class Trainer:
         if context is not None and longest > context:
             raise InputError(f"{where} renders to {longest} tokens, longer than the model's context of {context}")
         self.output = Path(config.output_dir)
-        self.accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=not torch.cuda.is_available())
+        self.accelerator = Accelerator(mixed_precision=config.mixed_precision,
+                                       cpu=config.device == "cpu" or not torch.cuda.is_available())
         if self.accelerator.distributed_type.value == "DEEPSPEED" and config.grad_accum > 1:
             # accelerate steps the DeepSpeed engine inside every backward: a loop of micro-batches would step each.
             raise InputError("under DeepSpeed --grad-accum must be 1 (accelerate steps the engine in each backward); "
@@ -259,9 +281,9 @@ class Trainer:
         from safetensors.torch import load_file
 
         state = read_json(checkpoint / STATE_JSON, what="trainer state")
-        recorded = {"recipe": state.get("recipe"),
-                    **{k: v for k, v in (state.get("config") or {}).items() if k not in BOOKKEEPING}}
-        wanted = json.loads(json.dumps({"recipe": self.recipe.name, **self.config.defining_settings()}))
+        recorded = _flat({"recipe": state.get("recipe"),
+                          **{k: v for k, v in (state.get("config") or {}).items() if k not in BOOKKEEPING}})
+        wanted = _flat(json.loads(json.dumps({"recipe": self.recipe.name, **self.config.defining_settings()})))
         changes = [f"{name}: {recorded.get(name, '(unset)')!r} → {wanted.get(name, '(unset)')!r}"
                    for name in sorted(set(recorded) | set(wanted)) if recorded.get(name) != wanted.get(name)]
         if changes:
@@ -292,6 +314,13 @@ class Trainer:
         version, rng_state, gauss = state["data_rng"]
         self.rng.setstate((version, tuple(rng_state), gauss))
         self.step = int(state["step"])
+
+
+def _flat(settings: dict) -> dict:
+    """``run_settings``' entries beside the config's fields, so a change is named by its own key."""
+    extra = settings.pop("run_settings", None) or {}
+    return {**settings, **{key if key not in settings else f"run_settings.{key}": value
+                           for key, value in extra.items()}}
 
 
 def enable_checkpointing(model) -> None:

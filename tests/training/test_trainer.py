@@ -123,7 +123,7 @@ def test_resuming_with_changed_settings_is_refused_naming_each(world, tokenizer,
     for change in ("batch_size: 4 → 3", "lr: 0.001 → 0.5", "steps: 2 → 4"):
         assert change in message
     assert "another output folder" in message
-    with pytest.raises(SettingsMismatchError, match=r"run_settings: \{'data': 'a'\} → \{'data': 'b'\}"):
+    with pytest.raises(SettingsMismatchError, match=r"settings \(data: 'a' → 'b'\)"):
         Trainer(model_for(tokenizer), tokenizer, recipe(), config(tmp_path / "r", steps=2, run_settings={"data": "a"})
                 ).train()
         Trainer(model_for(tokenizer), tokenizer, recipe(), config(tmp_path / "r", steps=2, run_settings={"data": "b"})
