@@ -33,4 +33,6 @@ pip_install -e ".[test]"
 # transformers<=4.47.1, yet its run without the prefix cache works on ours (the test uses that).
 "$PYTHON" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('nanogcg') is None)" \
   || pip_install --no-deps "nanogcg==0.3.0"
+"$PYTHON" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('scipy') is None)" \
+  || pip_install "scipy>=1.11,<2"  # nanoGCG's one import beyond torch and transformers
 "$PYTHON" -c "import torch, triton, deepalign; print(f'deepalign {deepalign.__version__}: torch {torch.__version__}, triton {triton.__version__}')"
