@@ -3,7 +3,7 @@
 PYTHON ?= python3
 export PYTHON
 
-.PHONY: install demo test bench
+.PHONY: install demo test bench gpu-check
 
 install:
 	bash scripts/install.sh
@@ -19,3 +19,7 @@ bench: install
 	$(PYTHON) -m benchmarks.prefill_attention
 	$(PYTHON) -m benchmarks.rap
 	$(PYTHON) -m benchmarks.cls_decoding
+
+# On a lent GPU with no network: GPU tests, the compile check for the device, kernel benchmarks (< 8 min).
+gpu-check:
+	bash scripts/gpu_check.sh

@@ -27,6 +27,7 @@ positions from the first prefill token on.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import NamedTuple
 
 import torch
@@ -34,7 +35,12 @@ from torch.utils.checkpoint import checkpoint
 
 from deepalign.kernels._dispatch import Backend, check_float_tensor, check_same_device, resolve_backend
 
-MIN_HEAD_DIM, MAX_HEAD_DIM = 32, 256
+# The Triton kernels serve head dims 1..256 (below 16 in a masked 16-wide block, the smallest
+# tl.dot); larger head dims, and GPUs older than sm_80, run the PyTorch reference (on the same
+# device) after a one-time warning that names the reason.
+MAX_KERNEL_HEAD_DIM = 256
+PRECISIONS = ("tf32", "ieee")
+_WARNED: set[str] = set()
 
 
 class AttentionMask(NamedTuple):
@@ -57,12 +63,15 @@ def prefill_attention(
     key_padding_mask: torch.Tensor | None = None,
     window: int | None = None,
     softcap: float | None = None,
+    precision: str | None = None,
     backend: Backend = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention output and the attention mass on prefill keys; see the module docstring.
 
     Args:
-        q: ``[B, Hq, Tq, D]`` float16 / bfloat16 / float32, ``32 ≤ D ≤ 256``.
+        q: ``[B, Hq, Tq, D]`` float16 / bfloat16 / float32. The Triton kernel serves ``D ≤ 256``;
+            a larger head dim (or a GPU older than sm_80) runs the PyTorch reference, with a
+            one-time warning naming the reason.
         k, v: ``[B, Hkv, Tk, D]``, same dtype, ``Hq % Hkv == 0``.
         prefill_mask: bool ``[B, Tk]``, True on prefill keys.
         causal: bottom-right aligned causal masking (query ``i`` sees key ``j ≤ i + Tk − Tq``).
@@ -70,6 +79,9 @@ def prefill_attention(
         key_padding_mask: bool ``[B, Tk]``, True on real tokens (left padding is False).
         window: sliding window (needs ``causal``): query ``i`` sees keys ``j > i + Tk − Tq − window``.
         softcap: tanh logit capping, ``s ← softcap · tanh(s / softcap)``.
+        precision: dot products of float32 inputs in the Triton kernel on a GPU: ``"tf32"``
+            (tensor cores, the default) or ``"ieee"`` (exact float32 products, much slower).
+            Ignored for half precisions, in the interpreter (always IEEE) and by the reference.
         backend: ``"auto"`` (CUDA → Triton; CPU → PyTorch, or Triton's interpreter with
             ``TRITON_INTERPRET=1``), ``"triton"`` or ``"torch"``.
 
@@ -77,12 +89,39 @@ def prefill_attention(
         ``(out [B, Hq, Tq, D]`` in q's dtype, ``mass [B, Hq, Tq]`` float32``)``.
     """
     spec = _validate(q, k, v, prefill_mask, causal, softmax_scale, key_padding_mask, window, softcap)
+    if precision is not None and precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS} or None, got {precision!r}")
     device = check_same_device(q=q, k=k, v=v, prefill_mask=prefill_mask, key_padding_mask=key_padding_mask)
     if resolve_backend(backend, device) == "triton":
-        from deepalign.kernels.attention_triton import PrefillAttentionFunction
+        reason = kernel_unsupported_reason(q.shape[-1], device)
+        if reason is None:
+            from deepalign.kernels.attention_triton import PrefillAttentionFunction
 
-        return PrefillAttentionFunction.apply(q, k, v, prefill_mask, key_padding_mask, spec)
+            return PrefillAttentionFunction.apply(q, k, v, prefill_mask, key_padding_mask, spec, precision)
+        if backend == "triton":
+            raise ValueError(f"backend='triton' cannot run this call: {reason}")
+        _warn_once(reason)
     return prefill_attention_reference(q, k, v, prefill_mask, key_padding_mask, spec)
+
+
+def kernel_unsupported_reason(head_dim: int, device: torch.device) -> str | None:
+    """Why the Triton kernel cannot serve a call (``None`` when it can)."""
+    if head_dim > MAX_KERNEL_HEAD_DIM:
+        return (f"head dim {head_dim} exceeds the Triton kernel's maximum of {MAX_KERNEL_HEAD_DIM} "
+                f"(its tiles would not fit shared memory)")
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        if major < 8:
+            return f"the GPU is sm_{major}{minor}; the Triton kernel needs sm_80 or newer (bf16/TF32 tensor cores)"
+    return None
+
+
+def _warn_once(reason: str) -> None:
+    if reason in _WARNED:
+        return
+    _WARNED.add(reason)
+    warnings.warn(f"prefill_attention: {reason}; using the PyTorch reference path (same results, slower, "
+                  f"memory bounded by query chunks)", RuntimeWarning, stacklevel=3)
 
 
 def _validate(q, k, v, prefill_mask, causal, softmax_scale, key_padding_mask, window, softcap) -> AttentionMask:
@@ -101,8 +140,8 @@ def _validate(q, k, v, prefill_mask, causal, softmax_scale, key_padding_mask, wi
     if heads_kv == 0 or heads_q % heads_kv:
         raise ValueError(f"the number of query heads ({heads_q}) must be a multiple of the number of "
                          f"key/value heads ({heads_kv})")
-    if not MIN_HEAD_DIM <= dim <= MAX_HEAD_DIM:
-        raise ValueError(f"head dim D must be in [{MIN_HEAD_DIM}, {MAX_HEAD_DIM}], got {dim}")
+    if dim < 1:
+        raise ValueError(f"head dim D must be at least 1, got {dim}")
     keys = k.shape[2]
     for name, mask in (("prefill_mask", prefill_mask), ("key_padding_mask", key_padding_mask)):
         if mask is None:

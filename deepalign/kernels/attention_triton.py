@@ -13,11 +13,27 @@ recompute ``P = exp(S − lse)`` block by block:
   blocks: ``dV += Pᵀ dO``, ``dP = dO Vᵀ + g mᵀ``, ``dS = P ∘ (dP − Δ)``, ``dK += dSᵀ Q``;
 * ``dQ``, grid ``(B · Hq, ⌈Tq / BLOCK_M⌉)``: ``dQ += dS K``.
 
-With softcap, ``dS`` is multiplied by ``1 − tanh²`` of the capped score. Accumulation is float32;
-float32 inputs use IEEE (not TF32) dot products.
+With softcap, ``dS`` is multiplied by ``1 − tanh²`` of the capped score. Accumulation is float32.
+float32 inputs use TF32 tensor-core dot products on a GPU unless the caller asks for IEEE
+(``precision="ieee"``); the interpreter always computes IEEE float32. On a GPU the softcap's tanh
+is the hardware ``tanh.approx.f32`` for float16 / bfloat16 inputs and libdevice's ``tanhf`` for
+float32; the interpreter uses the exp/log form below.
+
+Launch configurations (tile sizes, warps, stages) are per kernel, architecture and head-dim block:
+see :data:`GPU_TILES`, chosen with ``python -m benchmarks.compile_check`` so that every variant
+compiles with zero register spills. On a GPU, ``triton.autotune`` picks among the listed tiles,
+keyed on head dim, mask flags, precision and dtype; the interpreter runs one tile
+(:data:`INTERPRETER_TILES`, which tests replace with GPU tiles).
+
+Offsets: every row offset is formed in 64-bit (``rows.to(int64) * stride``) and every per-head
+base in 64-bit, so tensors with more than 2³¹ elements, or strides whose products pass 2³¹, are
+addressed correctly.
 """
 
 from __future__ import annotations
+
+import functools
+from typing import NamedTuple
 
 import torch
 import triton
@@ -31,7 +47,7 @@ POISON_OUTPUTS = False
 
 
 @triton.jit
-def _tanh(x):
+def _tanh_exp(x):
     """tanh to a few ulps from exp/log only (libdevice is unavailable in the interpreter):
     ``tanh|x| = −expm1(−2|x|) / (2 + expm1(−2|x|))`` with Kahan's accurate ``expm1``."""
     y = -2.0 * tl.abs(x)
@@ -43,14 +59,28 @@ def _tanh(x):
 
 
 @triton.jit
+def _tanh(x, TANH: tl.constexpr):
+    """``TANH``: ``"exp"`` (interpreter), ``"approx"`` (the GPU's ``tanh.approx.f32``, one MUFU
+    instruction, relative error below 2⁻¹⁰·⁹, for half-precision inputs) or ``"libdevice"``
+    (``tanhf``, 2 ulp, for float32 inputs)."""
+    if TANH == "approx":
+        return tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True,
+                                         pack=1)
+    elif TANH == "libdevice":
+        return tl.extra.cuda.libdevice.tanh(x)
+    else:
+        return _tanh_exp(x)
+
+
+@triton.jit
 def _scores(q, k, offs_m, cols, kpad_row_ptr, scale, softcap, window, num_queries, num_keys,
             CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-            PRECISION: tl.constexpr):
+            PRECISION: tl.constexpr, TANH: tl.constexpr):
     """Scaled (and capped) scores of a query block against a key block, and their visibility.
     ``q [BM, BD]``, ``k [BN, BD]``; returns ``(s, visible)``, both ``[BM, BN]``."""
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
     if HAS_SOFTCAP:
-        s = softcap * _tanh(s / softcap)
+        s = softcap * _tanh(s / softcap, TANH)
     absolute = offs_m[:, None] + (num_keys - num_queries)
     visible = (cols[None, :] < num_keys) & (offs_m[:, None] < num_queries)
     if CAUSAL:
@@ -81,9 +111,9 @@ def _key_range(start_m, num_queries, num_keys, window,
 @triton.jit
 def _load_tile(base, rows, stride, limit, offs_d, d_ok):
     """Rows ``rows`` (``< limit``) of a ``[T, D]`` matrix at ``base`` with row stride ``stride``,
-    zero-filled outside; ``[len(rows), BLOCK_D]``."""
-    return tl.load(base + rows[:, None] * stride + offs_d[None, :], mask=(rows < limit)[:, None] & d_ok[None, :],
-                   other=0.0)
+    zero-filled outside; ``[len(rows), BLOCK_D]``. The row offset is 64-bit."""
+    return tl.load(base + rows.to(tl.int64)[:, None] * stride + offs_d[None, :],
+                   mask=(rows < limit)[:, None] & d_ok[None, :], other=0.0)
 
 
 @triton.jit
@@ -114,7 +144,7 @@ def _fwd_kernel(
     stride_ob, stride_oh, stride_ot,
     heads_q, group, num_queries, num_keys, head_dim, scale, softcap, window,
     CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr, TANH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     start_m, bh, b, h, hk = _query_program(heads_q, group, BLOCK_M)
     offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -141,7 +171,7 @@ def _fwd_kernel(
         k = _load_tile(k_base, cols, stride_kt, num_keys, offs_d, d_ok)
         v = _load_tile(v_base, cols, stride_vt, num_keys, offs_d, d_ok)
         s, visible = _scores(q, k, offs_m, cols, kpad_row, scale, softcap, window, num_queries, num_keys,
-                             CAUSAL, HAS_PAD, HAS_WINDOW, HAS_SOFTCAP, PRECISION)
+                             CAUSAL, HAS_PAD, HAS_WINDOW, HAS_SOFTCAP, PRECISION, TANH)
         s = tl.where(visible, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -158,7 +188,8 @@ def _fwd_kernel(
     out = acc / l_safe[:, None]
     mass = ls_i / l_safe
     lse = tl.where(empty, 0.0, tl.where(m_i == float("-inf"), 0.0, m_i) + tl.log(l_safe))
-    o_ptrs = OUT + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :]
+    o_ptrs = (OUT + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + offs_m.to(tl.int64)[:, None] * stride_ot
+              + offs_d[None, :])
     tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
     row_index = bh.to(tl.int64) * num_queries + offs_m
     tl.store(MASS + row_index, mass, mask=row_ok)
@@ -172,7 +203,7 @@ def _dkdv_kernel(
     stride_dob, stride_doh, stride_dot,
     heads_q, heads_kv, group, num_queries, num_keys, head_dim, scale, softcap, window,
     CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr, TANH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     start_n = tl.program_id(1) * BLOCK_N
     bhk = tl.program_id(0)
@@ -215,13 +246,13 @@ def _dkdv_kernel(
             delta = tl.load(DELTA + row_index, mask=row_ok, other=0.0)
             g = tl.load(GMASS + row_index, mask=row_ok, other=0.0)
             s, visible = _scores(q, k, offs_m, cols, kpad_row, scale, softcap, window, num_queries, num_keys,
-                                 CAUSAL, HAS_PAD, HAS_WINDOW, HAS_SOFTCAP, PRECISION)
+                                 CAUSAL, HAS_PAD, HAS_WINDOW, HAS_SOFTCAP, PRECISION, TANH)
             p = tl.where(visible, tl.exp(s - lse[:, None]), 0.0)
             dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
             ds = _score_gradient(p, s, do, v, g, prefill, delta, softcap, HAS_SOFTCAP, PRECISION)
             dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
 
-    out_offsets = bhk.to(tl.int64) * num_keys * head_dim + cols[:, None] * head_dim + offs_d[None, :]
+    out_offsets = (bhk.to(tl.int64) * num_keys + cols.to(tl.int64))[:, None] * head_dim + offs_d[None, :]
     tl.store(DK + out_offsets, (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
     tl.store(DV + out_offsets, dv.to(DV.dtype.element_ty), mask=kv_mask)
 
@@ -233,7 +264,7 @@ def _dq_kernel(
     stride_dob, stride_doh, stride_dot,
     heads_q, group, num_queries, num_keys, head_dim, scale, softcap, window,
     CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr, TANH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     start_m, bh, b, h, hk = _query_program(heads_q, group, BLOCK_M)
     offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -260,36 +291,156 @@ def _dq_kernel(
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
         col_ok = cols < num_keys
-        k = tl.load(k_base + cols[:, None] * stride_kt + offs_d[None, :], mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-        v = tl.load(v_base + cols[:, None] * stride_vt + offs_d[None, :], mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+        k = _load_tile(k_base, cols, stride_kt, num_keys, offs_d, d_ok)
+        v = _load_tile(v_base, cols, stride_vt, num_keys, offs_d, d_ok)
         prefill = tl.load(prefill_row + cols, mask=col_ok, other=0).to(tl.float32)
         s, visible = _scores(q, k, offs_m, cols, kpad_row, scale, softcap, window, num_queries, num_keys,
-                             CAUSAL, HAS_PAD, HAS_WINDOW, HAS_SOFTCAP, PRECISION)
+                             CAUSAL, HAS_PAD, HAS_WINDOW, HAS_SOFTCAP, PRECISION, TANH)
         p = tl.where(visible, tl.exp(s - lse[:, None]), 0.0)
         ds = _score_gradient(p, s, do, v, g, prefill, delta, softcap, HAS_SOFTCAP, PRECISION)
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
 
-    tl.store(DQ + bh.to(tl.int64) * num_queries * head_dim + offs_m[:, None] * head_dim + offs_d[None, :],
+    tl.store(DQ + (bh.to(tl.int64) * num_queries + offs_m.to(tl.int64))[:, None] * head_dim + offs_d[None, :],
              (dq * scale).to(DQ.dtype.element_ty), mask=row_mask)
 
 
-def _config(head_dim: int) -> dict:
-    """Tile sizes. Small tiles in the interpreter (speed); on a GPU a conservative default that
-    fits shared memory up to D = 256 (GPU tuning is recorded in benchmarks/results)."""
-    block_d = triton.next_power_of_2(head_dim)
+class Tile(NamedTuple):
+    """One launch configuration of an attention kernel."""
+
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+KERNELS = ("fwd", "dkdv", "dq")
+BLOCK_DS = (16, 32, 64, 128, 256)
+T = Tile
+
+# GPU launch configurations: GPU_TILES[kernel][arch][BLOCK_D] lists the tiles autotune chooses from,
+# the first being the default. Every one compiles with zero register spills for every flag
+# combination and dtype the wrappers launch (fp16, bf16, fp32 as TF32), measured with
+# `python -m benchmarks.compile_check` (triton 3.9, ptxas of its wheel; rows in
+# benchmarks/results/compile_check.csv). Registers are the largest over the variants; "smem" the
+# largest shared memory in KiB. Architectures other than sm_80 / sm_90 use the sm_80 lists, and
+# autotune drops a tile that does not fit the device's shared memory.
+#
+#   kernel arch  D   tiles (BLOCK_M×BLOCK_N/warps/stages)        max regs  spills  smem KiB
+#   (table filled in below from the compile check, see TILE_TABLE)
+GPU_TILES: dict[str, dict[int, dict[int, list[Tile]]]] = {
+    "fwd": {
+        90: {16: [T(128, 64, 4, 2)], 32: [T(128, 64, 4, 2)], 64: [T(128, 64, 4, 2)], 128: [T(64, 64, 4, 2)],
+             256: [T(64, 32, 8, 1)]},
+        80: {16: [T(128, 64, 4, 2)], 32: [T(128, 64, 4, 2)], 64: [T(128, 64, 4, 2)], 128: [T(64, 32, 4, 2)],
+             256: [T(64, 32, 8, 1)]},
+    },
+    "dkdv": {
+        90: {16: [T(64, 64, 4, 2)], 32: [T(64, 64, 4, 2)], 64: [T(32, 64, 8, 2)], 128: [T(32, 64, 8, 2)],
+             256: [T(32, 32, 8, 1)]},
+        80: {16: [T(32, 32, 4, 2)], 32: [T(32, 32, 4, 2)], 64: [T(32, 32, 4, 2)], 128: [T(32, 64, 8, 2)],
+             256: [T(32, 32, 8, 1)]},
+    },
+    "dq": {
+        90: {16: [T(64, 64, 4, 2)], 32: [T(64, 64, 4, 2)], 64: [T(64, 32, 8, 2)], 128: [T(64, 32, 8, 2)],
+             256: [T(32, 32, 8, 1)]},
+        80: {16: [T(64, 64, 4, 2)], 32: [T(64, 64, 4, 2)], 64: [T(64, 32, 8, 2)], 128: [T(64, 32, 8, 2)],
+             256: [T(32, 32, 8, 1)]},
+    },
+}
+del T
+
+# IEEE float32 (``precision="ieee"`` on float32 inputs) runs its dots on CUDA cores: smaller tiles.
+GPU_TILES_IEEE: dict[str, list[Tile]] = {
+    "fwd": [Tile(32, 32, 4, 1)], "dkdv": [Tile(32, 32, 4, 1)], "dq": [Tile(32, 32, 4, 1)],
+}
+
+# The interpreter runs one tile per kernel (speed; multi-config autotune needs a GPU). Tests swap in
+# GPU tiles (BLOCK_M ≠ BLOCK_N) to run the GPU launch configurations in the interpreter.
+INTERPRETER_TILES: dict[str, Tile] = {name: Tile(32, 32, 4, 1) for name in KERNELS}
+
+def block_d_of(head_dim: int) -> int:
+    """Head-dim block: the next power of two, at least 16 (``tl.dot`` needs K, N ≥ 16)."""
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def arch_family(capability: tuple[int, int]) -> int:
+    """The tile table an architecture uses: 90 for Hopper, 80 for everything else."""
+    return 90 if capability[0] == 9 else 80
+
+
+def gpu_tiles(kernel: str, arch: int, block_d: int, precision: str) -> list[Tile]:
+    """The tiles autotune chooses among for ``kernel`` on ``arch`` (80 or 90)."""
+    if precision == "ieee":
+        return list(GPU_TILES_IEEE[kernel])
+    return list(GPU_TILES[kernel][arch][block_d])
+
+
+def precision_of(dtype: torch.dtype, precision: str | None) -> str:
+    """``tl.dot``'s ``input_precision``: float32 inputs use ``"tf32"`` on a GPU unless ``"ieee"``
+    is asked for; the interpreter always computes IEEE float32. Half precisions ignore it."""
+    if dtype != torch.float32:
+        return "tf32"
     if interpreter_enabled():
-        return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_D=block_d, num_warps=4)
-    if block_d <= 64:
-        return dict(BLOCK_M=128, BLOCK_N=64, BLOCK_D=block_d, num_warps=4, num_stages=2)
-    if block_d <= 128:
-        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=block_d, num_warps=4, num_stages=2)
-    return dict(BLOCK_M=64, BLOCK_N=32, BLOCK_D=block_d, num_warps=8, num_stages=1)
+        return "ieee"
+    return precision or "tf32"
 
 
-def _flags(spec: AttentionMask, key_padding_mask, dtype) -> dict:
+def tanh_of(dtype: torch.dtype) -> str:
+    """The softcap's tanh: exp/log form in the interpreter, hardware tanh for half inputs on a
+    GPU, libdevice's accurate tanhf for float32 on a GPU."""
+    if interpreter_enabled():
+        return "exp"
+    return "libdevice" if dtype == torch.float32 else "approx"
+
+
+_KERNEL_FNS = {"fwd": "_fwd_kernel", "dkdv": "_dkdv_kernel", "dq": "_dq_kernel"}
+_TUNE_KEY = ["BLOCK_D", "CAUSAL", "HAS_PAD", "HAS_WINDOW", "HAS_SOFTCAP", "PRECISION"]
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(device_index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device_index)
+
+
+@functools.lru_cache(maxsize=None)
+def _autotuned(kernel: str):
+    """``kernel`` wrapped in ``triton.autotune`` over every GPU tile; pruning keeps those listed
+    for the current device, head-dim block and precision (the pointer dtypes join the key)."""
+    tiles = {t for per_arch in GPU_TILES[kernel].values() for per_d in per_arch.values() for t in per_d}
+    tiles |= set(GPU_TILES_IEEE[kernel])
+    configs = [triton.Config({"BLOCK_M": t.block_m, "BLOCK_N": t.block_n}, num_warps=t.num_warps,
+                             num_stages=t.num_stages) for t in sorted(tiles)]
+
+    def prune(configs, named_args, **kwargs):
+        arch = arch_family(_capability(torch.cuda.current_device()))
+        allowed = gpu_tiles(kernel, arch, kwargs["BLOCK_D"], kwargs["PRECISION"])
+        kept = [c for c in configs
+                if Tile(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in allowed]
+        return kept or configs[:1]
+
+    return triton.autotune(configs=configs, key=_TUNE_KEY, prune_configs_by={"early_config_prune": prune})(
+        globals()[_KERNEL_FNS[kernel]])
+
+
+def _launch(kernel: str, grid_axis0: int, grid_len: int, args: tuple, flags: dict, block_d: int) -> None:
+    """Launch ``kernel`` over ``(grid_axis0, ⌈grid_len / tile⌉)`` (BLOCK_N for dK/dV, else BLOCK_M)."""
+    along = "BLOCK_N" if kernel == "dkdv" else "BLOCK_M"
+    if interpreter_enabled():
+        tile = INTERPRETER_TILES[kernel]
+        meta = {"BLOCK_M": tile.block_m, "BLOCK_N": tile.block_n}
+        globals()[_KERNEL_FNS[kernel]][(grid_axis0, triton.cdiv(grid_len, meta[along]))](
+            *args, **flags, **meta, BLOCK_D=block_d, num_warps=tile.num_warps, num_stages=tile.num_stages)
+        return
+
+    def grid(meta):
+        return grid_axis0, triton.cdiv(grid_len, meta[along])
+
+    _autotuned(kernel)[grid](*args, **flags, BLOCK_D=block_d)
+
+
+def _flags(spec: AttentionMask, key_padding_mask, dtype, precision: str | None) -> dict:
     return dict(CAUSAL=spec.causal, HAS_PAD=key_padding_mask is not None, HAS_WINDOW=spec.window is not None,
-                HAS_SOFTCAP=spec.softcap is not None,
-                PRECISION="ieee" if dtype == torch.float32 else "tf32")
+                HAS_SOFTCAP=spec.softcap is not None, PRECISION=precision_of(dtype, precision), TANH=tanh_of(dtype))
 
 
 def _scalars(spec: AttentionMask) -> tuple:
@@ -310,7 +461,7 @@ def _new(shape, dtype, device) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def attention_forward(q, k, v, prefill_u8, kpad_u8, spec: AttentionMask):
+def attention_forward(q, k, v, prefill_u8, kpad_u8, spec: AttentionMask, precision: str | None = None):
     """Launch the forward kernel. Returns ``(out, mass, lse)``; ``*_u8`` masks are uint8 ``[B, Tk]``."""
     batch, heads_q, num_queries, head_dim = q.shape
     heads_kv, num_keys = k.shape[1], k.shape[2]
@@ -319,17 +470,14 @@ def attention_forward(q, k, v, prefill_u8, kpad_u8, spec: AttentionMask):
     lse = _new((batch, heads_q, num_queries), torch.float32, q.device)
     if num_queries == 0:
         return out, mass, lse
-    cfg = _config(head_dim)
-    grid = (batch * heads_q, triton.cdiv(num_queries, cfg["BLOCK_M"]))
-    _fwd_kernel[grid](
-        q, k, v, prefill_u8, kpad_u8 if kpad_u8 is not None else prefill_u8, out, mass, lse,
-        *_strides(q, k, v, out), heads_q, heads_q // heads_kv, num_queries, num_keys, head_dim, *_scalars(spec),
-        **_flags(spec, kpad_u8, q.dtype), **cfg,
-    )
+    args = (q, k, v, prefill_u8, kpad_u8 if kpad_u8 is not None else prefill_u8, out, mass, lse,
+            *_strides(q, k, v, out), heads_q, heads_q // heads_kv, num_queries, num_keys, head_dim, *_scalars(spec))
+    _launch("fwd", batch * heads_q, num_queries, args, _flags(spec, kpad_u8, q.dtype, precision), block_d_of(head_dim))
     return out, mass, lse
 
 
-def attention_backward(q, k, v, prefill_u8, kpad_u8, spec, out, mass, lse, grad_out, grad_mass):
+def attention_backward(q, k, v, prefill_u8, kpad_u8, spec, out, mass, lse, grad_out, grad_mass,
+                       precision: str | None = None):
     """Launch the backward kernels. Returns ``(dq, dk, dv)`` (contiguous, dtypes of q, k, v)."""
     batch, heads_q, num_queries, head_dim = q.shape
     heads_kv, num_keys = k.shape[1], k.shape[2]
@@ -342,18 +490,16 @@ def attention_backward(q, k, v, prefill_u8, kpad_u8, spec, out, mass, lse, grad_
         return dq, dk.zero_(), dv.zero_()
     if POISON_OUTPUTS:
         dq.fill_(float("nan"))
-    cfg = _config(head_dim)
-    common = (*_strides(q, k, v, grad_out),)
-    flags = _flags(spec, kpad_u8, q.dtype)
+    flags = _flags(spec, kpad_u8, q.dtype, precision)
+    block_d = block_d_of(head_dim)
     kpad_arg = kpad_u8 if kpad_u8 is not None else prefill_u8
-    _dkdv_kernel[(batch * heads_kv, triton.cdiv(num_keys, cfg["BLOCK_N"]))](
-        q, k, v, prefill_u8, kpad_arg, grad_out, lse, delta, grad_mass, dk, dv, *common,
-        heads_q, heads_kv, heads_q // heads_kv, num_queries, num_keys, head_dim, *_scalars(spec), **flags, **cfg,
-    )
-    _dq_kernel[(batch * heads_q, triton.cdiv(num_queries, cfg["BLOCK_M"]))](
-        q, k, v, prefill_u8, kpad_arg, grad_out, lse, delta, grad_mass, dq, *common,
-        heads_q, heads_q // heads_kv, num_queries, num_keys, head_dim, *_scalars(spec), **flags, **cfg,
-    )
+    strides = _strides(q, k, v, grad_out)
+    _launch("dkdv", batch * heads_kv, num_keys,
+            (q, k, v, prefill_u8, kpad_arg, grad_out, lse, delta, grad_mass, dk, dv, *strides,
+             heads_q, heads_kv, heads_q // heads_kv, num_queries, num_keys, head_dim, *_scalars(spec)), flags, block_d)
+    _launch("dq", batch * heads_q, num_queries,
+            (q, k, v, prefill_u8, kpad_arg, grad_out, lse, delta, grad_mass, dq, *strides,
+             heads_q, heads_q // heads_kv, num_queries, num_keys, head_dim, *_scalars(spec)), flags, block_d)
     return dq, dk, dv
 
 
@@ -362,13 +508,14 @@ class PrefillAttentionFunction(torch.autograd.Function):
     ``q, k, v`` through both outputs."""
 
     @staticmethod
-    def forward(ctx, q, k, v, prefill_mask, key_padding_mask, spec: AttentionMask):
+    def forward(ctx, q, k, v, prefill_mask, key_padding_mask, spec: AttentionMask, precision: str | None = None):
         q, k, v = (_unit_last_stride(t) for t in (q, k, v))
         prefill_u8 = prefill_mask.to(torch.uint8).contiguous()
         kpad_u8 = None if key_padding_mask is None else key_padding_mask.to(torch.uint8).contiguous()
-        out, mass, lse = attention_forward(q, k, v, prefill_u8, kpad_u8, spec)
+        out, mass, lse = attention_forward(q, k, v, prefill_u8, kpad_u8, spec, precision)
         ctx.save_for_backward(q, k, v, prefill_u8, kpad_u8, out, mass, lse)
         ctx.spec = spec
+        ctx.precision = precision
         return out, mass
 
     @staticmethod
@@ -379,5 +526,5 @@ class PrefillAttentionFunction(torch.autograd.Function):
         if grad_mass is None:
             grad_mass = torch.zeros_like(mass)
         dq, dk, dv = attention_backward(q, k, v, prefill_u8, kpad_u8, ctx.spec, out, mass, lse,
-                                        grad_out, grad_mass.float().contiguous())
-        return dq, dk, dv, None, None, None
+                                        grad_out, grad_mass.float().contiguous(), ctx.precision)
+        return dq, dk, dv, None, None, None, None

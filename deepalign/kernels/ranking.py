@@ -13,7 +13,13 @@ Invariant: ``indices[n, r] == t`` if and only if ``rank(t) == r``, for every ``r
 
 ``-0.0`` and ``+0.0`` compare equal (their order is by index). ``-inf`` is a legal logit (a masked
 vocabulary entry); a NaN or ``+inf`` anywhere in a row makes the distribution undefined and raises
-``ValueError`` naming the row. The Triton kernel finds such rows during its one pass.
+``ValueError`` naming the row. The Triton kernel finds such rows during its one pass, and counts
+targets outside ``[0, V)`` without reading them.
+
+Host syncs: on the Triton path a call waits for the device once, to read the kernel's counters
+(bad logits, bad targets) and raise. Pass ``checks=TopKChecks()`` to defer that: the call then
+never waits, and ``checks.raise_if_any()`` after the batch (a decoding loop, a set of chunks)
+raises the same errors with one sync. :func:`topk_rank_chunked` checks once per call, not per chunk.
 
 The Triton kernel (``topk_rank_triton``) ranks through one order-preserving 64-bit key per
 vocabulary entry, ``key(v) = ord32(x_v) · 2³² + (2³² − 1 − v)``, where ``ord32`` maps float32 bit
@@ -50,12 +56,59 @@ class TopKRank(NamedTuple):
     target_logprob: torch.Tensor | None
 
 
+class TopKChecks:
+    """Deferred validation for :func:`topk_rank`: calls record their device-side counters here
+    instead of waiting for the device; :meth:`raise_if_any` reads them all with one sync and
+    raises what the first bad call would have raised (rows numbered across the recorded calls).
+
+    >>> checks = TopKChecks()
+    >>> for step in range(steps):                       # no host sync inside the loop
+    ...     res = topk_rank(logits_of(step), 20, checks=checks)
+    >>> checks.raise_if_any()
+    """
+
+    def __init__(self) -> None:
+        self._calls: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, int]] = []
+        self.rows = 0
+
+    def record(self, bad_rows: torch.Tensor, bad_targets: torch.Tensor | None, targets: torch.Tensor | None,
+               vocab: int) -> None:
+        """``bad_rows [n]`` nonzero where a row holds NaN/+inf; ``bad_targets [n]`` the count of
+        targets outside ``[0, vocab)`` (or ``None`` when they were checked already)."""
+        self._calls.append((bad_rows, bad_targets, targets, vocab))
+        self.rows += bad_rows.shape[0]
+
+    def raise_if_any(self) -> None:
+        """Raise :class:`NonFiniteLogitsError` (NaN/+inf logits) or ``ValueError`` (a target
+        outside the vocabulary) for the first bad recorded call, with one host sync when all is
+        well; then forget the records."""
+        calls, self._calls, self.rows = self._calls, [], 0
+        if not calls:
+            return
+        flags = []
+        for bad_rows, bad_targets, _, _ in calls:
+            flag = bad_rows.to(torch.int32)
+            flags.append(flag if bad_targets is None else flag | bad_targets)
+        if not bool(torch.cat(flags).any()):  # the one sync
+            return
+        offset = 0
+        for bad_rows, bad_targets, targets, vocab in calls:
+            if bad_targets is not None:
+                _raise_on_bad_targets(bad_targets, targets, vocab, offset)
+            if bool(bad_rows.any()):
+                rows = bad_rows.nonzero().flatten()
+                count = sum(int((b != 0).sum()) for b, *_ in calls)
+                raise NonFiniteLogitsError(int(rows[0]) + offset, count)
+            offset += bad_rows.shape[0]
+
+
 def topk_rank(
     logits: torch.Tensor,
     k: int,
     targets: torch.Tensor | None = None,
     *,
     backend: Backend = "auto",
+    checks: TopKChecks | None = None,
 ) -> TopKRank:
     """Top-k, logsumexp and target ranks / log-probabilities of each row of ``logits``.
 
@@ -66,13 +119,19 @@ def topk_rank(
             each in ``[0, V)``.
         backend: ``"auto"`` (CUDA → Triton; CPU → PyTorch, or Triton's interpreter when
             ``TRITON_INTERPRET=1``), ``"triton"`` or ``"torch"``.
+        checks: a :class:`TopKChecks` to defer validation to (no host sync in this call), or
+            ``None`` to raise here (one sync on the Triton path).
 
     Returns:
-        :class:`TopKRank`; see the module docstring for the exact semantics.
+        :class:`TopKRank`; see the module docstring for the exact semantics. With deferred
+        checks, the rank of a target outside ``[0, V)`` is −1 and its log-probability NaN until
+        ``checks.raise_if_any()`` reports it.
     """
-    squeeze_targets = _validate(logits, k, targets)
+    squeeze_targets = _validate(logits, k, targets, check_range=False)
     device = check_same_device(logits=logits, targets=targets)
     impl = resolve_backend(backend, device)
+    if impl == "torch" and targets is not None and targets.numel():
+        _check_target_range(targets, logits.shape[1])  # the Triton kernel counts these itself
     if logits.shape[0] == 0:
         return _empty_result(logits, k, targets)
     if logits.stride(-1) != 1:
@@ -83,10 +142,16 @@ def topk_rank(
     if impl == "triton":
         from deepalign.kernels.ranking_triton import topk_rank_triton
 
-        values, indices, lse, rank, logprob, bad_rows = topk_rank_triton(logits, k, target_matrix)
+        values, indices, lse, rank, logprob, bad_rows, bad_targets = topk_rank_triton(logits, k, target_matrix)
+        if target_matrix is None:
+            bad_targets = None
     else:
         values, indices, lse, rank, logprob, bad_rows = topk_rank_reference(logits, k, target_matrix)
-    _raise_on_bad_rows(bad_rows)
+        bad_targets = None
+    if checks is not None:
+        checks.record(bad_rows, bad_targets, target_matrix, logits.shape[1])
+    else:
+        _raise_on_problems(bad_rows, bad_targets, target_matrix, logits.shape[1], squeeze_targets)
     if rank is not None and squeeze_targets:
         rank, logprob = rank.squeeze(1), logprob.squeeze(1)
     return TopKRank(values, indices, lse, rank, logprob)
@@ -133,13 +198,15 @@ def topk_rank_rowwise(
         raise ValueError(f"chunk_rows must be a positive int, got {chunk_rows!r}")
     flat_targets = flatten_targets(targets, lead)
     pieces = []
+    checks = TopKChecks()  # one host sync for the whole call, after the last chunk
     for start in range(0, max(num_rows, 1), chunk_rows):
         rows = slice(start, start + chunk_rows)
         chunk_targets = None if flat_targets is None else flat_targets[rows]
-        try:
-            pieces.append(topk_rank(logits_of_rows(rows), k, chunk_targets, backend=backend))
-        except NonFiniteLogitsError as error:
-            raise _locate_bad_row(error.row + start, lead) from None
+        pieces.append(topk_rank(logits_of_rows(rows), k, chunk_targets, backend=backend, checks=checks))
+    try:
+        checks.raise_if_any()
+    except NonFiniteLogitsError as error:
+        raise _locate_bad_row(error.row, lead) from None
     return concat_results(pieces, lead, None if targets is None else targets.shape)
 
 
@@ -199,8 +266,9 @@ def _locate_bad_row(flat_row: int, lead: torch.Size) -> ValueError:
                       f"-inf is the only legal non-finite logit")
 
 
-def _validate(logits: torch.Tensor, k: int, targets: torch.Tensor | None) -> bool:
-    """Check arguments; return True when targets is 1-D (results are squeezed back to ``[N]``)."""
+def _validate(logits: torch.Tensor, k: int, targets: torch.Tensor | None, check_range: bool = True) -> bool:
+    """Check arguments; return True when targets is 1-D (results are squeezed back to ``[N]``).
+    ``check_range=False`` leaves the range of the targets to the kernel's counters (no sync)."""
     check_float_tensor("logits", logits, 2, "[N, V]")
     n_rows, vocab = logits.shape
     if vocab == 0:
@@ -221,12 +289,42 @@ def _validate(logits: torch.Tensor, k: int, targets: torch.Tensor | None) -> boo
         raise ValueError(f"targets must have shape [N] or [N, M] with N = {n_rows}, got {tuple(targets.shape)}")
     if targets.dim() == 2 and targets.shape[1] == 0:
         raise ValueError("targets has M = 0 targets per row; pass targets=None instead")
-    if targets.numel():
-        outside = (targets < 0) | (targets >= vocab)
-        if bool(outside.any()):
-            where = tuple(int(i) for i in outside.nonzero()[0])
-            raise ValueError(f"targets must lie in [0, {vocab}); targets{list(where)} = {int(targets[where])}")
+    if check_range and targets.numel():
+        _check_target_range(targets, vocab)
     return targets.dim() == 1
+
+
+def _check_target_range(targets: torch.Tensor, vocab: int, row_offset: int = 0) -> None:
+    outside = (targets < 0) | (targets >= vocab)
+    if bool(outside.any()):
+        where = tuple(int(i) for i in outside.nonzero()[0])
+        shown = [where[0] + row_offset, *where[1:]]
+        raise ValueError(f"targets must lie in [0, {vocab}); targets{shown} = {int(targets[where])}")
+
+
+def _raise_on_bad_targets(bad_targets: torch.Tensor, targets: torch.Tensor, vocab: int, row_offset: int,
+                          one_d: bool = False) -> None:
+    """Raise for the first target outside the vocabulary (``targets [n, M]``, the kernel's
+    per-row counts ``bad_targets [n]``); rows are shown offset by ``row_offset``, as ``[row]``
+    when the caller's targets were 1-D, else ``[row, column]``."""
+    if bool((bad_targets != 0).any()):
+        rows = (bad_targets != 0).nonzero().flatten()
+        first = int(rows[0])
+        column = int(((targets[first] < 0) | (targets[first] >= vocab)).nonzero()[0])
+        where = [first + row_offset] if one_d else [first + row_offset, column]
+        raise ValueError(f"targets must lie in [0, {vocab}); targets{where} = {int(targets[first, column])}")
+
+
+def _raise_on_problems(bad_rows: torch.Tensor, bad_targets: torch.Tensor | None, targets: torch.Tensor | None,
+                       vocab: int, one_d: bool = False) -> None:
+    """One sync for both counters; the errors themselves are built only on failure."""
+    flag = bad_rows.to(torch.int32)
+    if bad_targets is not None:
+        flag = flag | bad_targets
+    if flag.numel() and bool(flag.any()):
+        if bad_targets is not None:
+            _raise_on_bad_targets(bad_targets, targets, vocab, 0, one_d)
+        _raise_on_bad_rows(bad_rows)
 
 
 def _raise_on_bad_rows(bad_rows: torch.Tensor) -> None:

@@ -10,7 +10,12 @@ writes, for that block,
 * for every target ``t`` of the row, ``#{v in block : key(v) > key(t)}``;
 * the number of NaN / +inf logits in the block.
 
-Stage 2, grid ``(N,)``: merges the ``NB · KP`` candidate keys into the row's top ``k`` and unpacks
+Targets outside ``[0, V)`` are never read (masked); stage 2 counts them per row. Both counters
+(bad logits, bad targets) stay on the device: the caller checks them once per call, or once per
+batch with :class:`deepalign.kernels.ranking.TopKChecks`, so a decoding loop need not sync.
+
+Stage 2, grid ``(N,)``: merges the ``NB · KP`` candidate keys (``NB_PAD`` blocks at a time, keeping a
+running top ``KP``) into the row's top ``k`` and unpacks
 them into indices (values are then read from the logits, k loads), combines ``logsumexp = M + log Σ_b s_b · exp(m_b − M)`` with
 ``M = max_b m_b``, sums the rank counts and the bad-logit counts.
 
@@ -31,6 +36,26 @@ from deepalign.kernels._dispatch import interpreter_enabled
 POISON_OUTPUTS = False
 
 MAX_BLOCKS_PER_ROW = 64
+MAX_K_KERNEL = 64
+# Vocabulary blocks a GPU launch can use (at most MAX_BLOCKS_PER_ROW blocks per row up to
+# 64 · 4096 = 256k entries; larger vocabularies use more 4096-blocks and stage 2 loops over them).
+# Spill-free per benchmarks/compile_check (see the table in the README / compile_check.csv).
+GPU_BLOCK_VS = (1024, 2048, 4096)
+MERGE_NB_PADS = (1, 2, 4, 8, 16, 32, 64)
+M_TILE_MAX = 4
+MERGE_WARPS = 8
+
+
+def partial_warps(block_v: int) -> int:
+    """Warps of a stage-1 program: 4 up to 2048 entries, 8 above."""
+    return 4 if block_v <= 2048 else 8
+
+
+def use_bitonic(k: int, interpreted: bool) -> bool:
+    """The selection network: Triton's bitonic ``tl.topk`` on a GPU, the k-round max loop in the
+    interpreter (where ``tl.topk`` is a slow Python loop). ``k = 1`` is a single max reduction
+    either way (it never calls ``tl.topk``, whose k = 1 result is 0-d on Triton 3.6)."""
+    return not interpreted
 
 
 @triton.jit
@@ -51,9 +76,12 @@ def _select_top(keys, K: tl.constexpr, KP: tl.constexpr, BITONIC: tl.constexpr):
 
     ``BITONIC`` uses Triton's bitonic ``tl.topk``; otherwise ``K`` rounds of "take the max, then
     knock it out". Both are exact. The max loop runs on Triton's fast reductions, which matters
-    in the interpreter, where ``tl.topk`` is a Python-level loop per element.
+    in the interpreter, where ``tl.topk`` is a Python-level loop per element. ``KP = 1`` is one
+    max reduction in both (Triton 3.6's ``tl.topk(x, 1)`` is 0-d, 3.9's 1-d: neither is used).
     """
-    if BITONIC:
+    if KP == 1:
+        top = tl.full((1,), 0, dtype=tl.uint64) | tl.max(keys, axis=0)
+    elif BITONIC:
         top = tl.topk(keys, KP)
     else:
         slots = tl.arange(0, KP)
@@ -102,7 +130,8 @@ def _topk_rank_partial_kernel(
         m_offsets = m0 + tl.arange(0, M_TILE)
         m_valid = m_offsets < num_targets
         target = tl.load(targets_ptr + row.to(tl.int64) * num_targets + m_offsets, mask=m_valid, other=0)
-        target_x = tl.load(row_ptr + target, mask=m_valid, other=0.0).to(tl.float32)
+        t_ok = m_valid & (target >= 0) & (target < vocab)
+        target_x = tl.load(row_ptr + target, mask=t_ok, other=0.0).to(tl.float32)
         target_key = _order_keys(target_x, target)
         beats = keys[None, :] > target_key[:, None]
         counts = tl.sum(beats.to(tl.int32), axis=1)
@@ -111,61 +140,84 @@ def _topk_rank_partial_kernel(
 
 @triton.jit
 def _topk_rank_merge_kernel(
-    logits_ptr, row_stride,
+    logits_ptr, row_stride, vocab,
     targets_ptr, num_targets,
     part_keys_ptr, part_max_ptr, part_sumexp_ptr, part_counts_ptr, part_bad_ptr,
     num_blocks,
-    values_ptr, indices_ptr, lse_ptr, rank_ptr, logprob_ptr, bad_ptr,
+    values_ptr, indices_ptr, lse_ptr, rank_ptr, logprob_ptr, bad_ptr, bad_targets_ptr,
     K: tl.constexpr, KP: tl.constexpr, NB_PAD: tl.constexpr, M_TILE: tl.constexpr, BITONIC: tl.constexpr,
 ):
     row = tl.program_id(0)
-    blocks = tl.arange(0, NB_PAD)
-    block_valid = blocks < num_blocks
-    part = row * num_blocks + blocks
+    row_part = row.to(tl.int64) * num_blocks
+    slots = tl.arange(0, KP)
+    chunk = tl.arange(0, NB_PAD)
 
-    # Top-k of the NB·KP candidate keys.
-    cand_offsets = part.to(tl.int64)[:, None] * KP + tl.arange(0, KP)[None, :]
-    cand = tl.load(part_keys_ptr + cand_offsets, mask=block_valid[:, None], other=0).to(tl.uint64, bitcast=True)
-    top = _select_top(tl.reshape(cand, (NB_PAD * KP,)), K, KP, BITONIC)
+    # Top-k of the NB·KP candidate keys, NB_PAD blocks at a time; the running top joins each chunk.
+    top = tl.zeros((KP,), dtype=tl.uint64)
+    row_max = tl.full((NB_PAD,), float("-inf"), dtype=tl.float32)
+    bad_logits = tl.zeros((NB_PAD,), dtype=tl.int32)
+    for b0 in range(0, num_blocks, NB_PAD):
+        blocks = b0 + chunk
+        block_valid = blocks < num_blocks
+        cand_offsets = (row_part + blocks)[:, None] * KP + slots[None, :]
+        cand = tl.load(part_keys_ptr + cand_offsets, mask=block_valid[:, None], other=0).to(tl.uint64, bitcast=True)
+        chunk_top = _select_top(tl.reshape(cand, (NB_PAD * KP,)), K, KP, BITONIC)
+        top = _select_top(tl.reshape(tl.join(top, chunk_top), (2 * KP,)), K, KP, BITONIC)
+        row_max = tl.maximum(row_max, tl.load(part_max_ptr + row_part + blocks, mask=block_valid,
+                                              other=float("-inf")))
+        bad_logits += tl.load(part_bad_ptr + row_part + blocks, mask=block_valid, other=0)
     indices = (~(top & 0xFFFFFFFF).to(tl.uint32)).to(tl.int64)
-    r = tl.arange(0, KP)
-    values = tl.load(logits_ptr + row.to(tl.int64) * row_stride + indices, mask=r < K)  # exact, sign of zero kept
-    out_offsets = row.to(tl.int64) * K + r
-    tl.store(values_ptr + out_offsets, values, mask=r < K)
-    tl.store(indices_ptr + out_offsets, indices, mask=r < K)
+    values = tl.load(logits_ptr + row.to(tl.int64) * row_stride + indices, mask=slots < K)  # exact, sign of zero kept
+    out_offsets = row.to(tl.int64) * K + slots
+    tl.store(values_ptr + out_offsets, values, mask=slots < K)
+    tl.store(indices_ptr + out_offsets, indices, mask=slots < K)
+    tl.store(bad_ptr + row, tl.sum(bad_logits, axis=0))
 
-    # logsumexp from the per-block (max, sum-exp) pairs.
-    part_max = tl.load(part_max_ptr + part, mask=block_valid, other=float("-inf"))
-    part_sumexp = tl.load(part_sumexp_ptr + part, mask=block_valid, other=0.0)
-    row_max = tl.max(part_max, axis=0)
-    safe_max = tl.where(row_max == float("-inf"), 0.0, row_max)
-    total = tl.sum(part_sumexp * tl.exp(part_max - safe_max), axis=0)
-    lse = safe_max + tl.log(total)  # log(0) = -inf for an all -inf row
+    # logsumexp from the per-block (max, sum-exp) pairs: M = max_b m_b first, then Σ s_b · exp(m_b − M).
+    m_all = tl.max(row_max, axis=0)
+    safe_max = tl.where(m_all == float("-inf"), 0.0, m_all)
+    total = tl.zeros((NB_PAD,), dtype=tl.float32)
+    for b0 in range(0, num_blocks, NB_PAD):
+        blocks = b0 + chunk
+        block_valid = blocks < num_blocks
+        part_max = tl.load(part_max_ptr + row_part + blocks, mask=block_valid, other=float("-inf"))
+        part_sumexp = tl.load(part_sumexp_ptr + row_part + blocks, mask=block_valid, other=0.0)
+        total += part_sumexp * tl.exp(part_max - safe_max)
+    lse = safe_max + tl.log(tl.sum(total, axis=0))  # log(0) = -inf for an all -inf row
     tl.store(lse_ptr + row, lse)
-    tl.store(bad_ptr + row, tl.sum(tl.load(part_bad_ptr + part, mask=block_valid, other=0), axis=0))
 
-    # Ranks and log-probabilities of the targets.
+    # Ranks and log-probabilities of the targets; targets outside [0, V) are counted, not read.
+    bad_targets = tl.zeros((M_TILE,), dtype=tl.int32)
     for m0 in range(0, num_targets, M_TILE):
         m_offsets = m0 + tl.arange(0, M_TILE)
         m_valid = m_offsets < num_targets
-        count_offsets = part.to(tl.int64)[:, None] * num_targets + m_offsets[None, :]
-        counts = tl.load(part_counts_ptr + count_offsets, mask=block_valid[:, None] & m_valid[None, :], other=0)
-        rank = tl.sum(counts, axis=0).to(tl.int64)
+        rank = tl.zeros((M_TILE,), dtype=tl.int64)
+        for b0 in range(0, num_blocks, NB_PAD):
+            blocks = b0 + chunk
+            block_valid = blocks < num_blocks
+            count_offsets = (row_part + blocks)[:, None] * num_targets + m_offsets[None, :]
+            counts = tl.load(part_counts_ptr + count_offsets, mask=block_valid[:, None] & m_valid[None, :], other=0)
+            rank += tl.sum(counts, axis=0).to(tl.int64)
         row_targets = row.to(tl.int64) * num_targets + m_offsets
         target = tl.load(targets_ptr + row_targets, mask=m_valid, other=0)
-        target_x = tl.load(logits_ptr + row.to(tl.int64) * row_stride + target, mask=m_valid, other=0.0)
+        t_ok = (target >= 0) & (target < vocab)
+        bad_targets += (m_valid & ~t_ok).to(tl.int32)
+        target_x = tl.load(logits_ptr + row.to(tl.int64) * row_stride + target, mask=m_valid & t_ok, other=0.0)
         target_x = target_x.to(tl.float32)
         logprob = tl.where(target_x == float("-inf"), float("-inf"), target_x - lse)
-        tl.store(rank_ptr + row_targets, rank, mask=m_valid)
-        tl.store(logprob_ptr + row_targets, logprob, mask=m_valid)
+        tl.store(rank_ptr + row_targets, tl.where(t_ok, rank, -1), mask=m_valid)
+        tl.store(logprob_ptr + row_targets, tl.where(t_ok, logprob, float("nan")), mask=m_valid)
+    tl.store(bad_targets_ptr + row, tl.sum(bad_targets, axis=0))
 
 
 def choose_block_v(vocab: int, k_padded: int) -> int:
     """Vocabulary block per stage-1 program: enough programs to fill a GPU at small N, at most
-    ``MAX_BLOCKS_PER_ROW`` blocks so that stage 2 merges a bounded ``NB · KP`` candidates."""
-    floor = 256 if interpreter_enabled() else 1024
+    ``MAX_BLOCKS_PER_ROW`` blocks up to ``64 · GPU_BLOCK_VS[-1]`` entries (more, of the largest
+    block, beyond), so that every block size a GPU launch uses is one the compile check covers."""
+    floor = 256 if interpreter_enabled() else GPU_BLOCK_VS[0]
     block = max(floor, k_padded, triton.next_power_of_2(triton.cdiv(vocab, MAX_BLOCKS_PER_ROW)))
-    return min(block, max(floor, triton.next_power_of_2(vocab)))
+    block = min(block, max(floor, triton.next_power_of_2(vocab)))
+    return block if interpreter_enabled() else min(block, GPU_BLOCK_VS[-1])
 
 
 def _alloc(shape, dtype, device, poison):
@@ -181,11 +233,16 @@ def topk_rank_triton(
     *,
     block_v: int | None = None,
     bitonic: bool | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
+    nb_pad: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor,
+           torch.Tensor]:
     """Launch both stages. ``logits [N, V]`` with unit last stride (``N ≥ 1``), ``targets [N, M]``
     int64 contiguous or ``None``. ``block_v`` (a power of two ≥ the padded k) overrides the block
     choice; tests use it to force many blocks. ``bitonic`` picks the selection network (default:
-    bitonic on a GPU, the max loop in the interpreter). Returns the tuple of :func:`topk_rank_reference`."""
+    bitonic on a GPU, the max loop in the interpreter); ``nb_pad`` the blocks stage 2 merges at a
+    time (default: all, up to ``MAX_BLOCKS_PER_ROW``). Returns the tuple of
+    :func:`topk_rank_reference` plus ``bad_targets [N]`` (int32, targets outside ``[0, V)`` per row).
+    Nothing here waits for the device."""
     n_rows, vocab = logits.shape
     device = logits.device
     k_padded = triton.next_power_of_2(k)
@@ -194,10 +251,10 @@ def topk_rank_triton(
         raise ValueError(f"block_v must be a power of two ≥ {k_padded}, got {block}")
     num_blocks = triton.cdiv(vocab, block)
     if bitonic is None:
-        bitonic = not interpreter_enabled()
+        bitonic = use_bitonic(k, interpreter_enabled())
     num_targets = 0 if targets is None else targets.shape[1]
     target_arg = targets if targets is not None else torch.zeros(1, dtype=torch.int64, device=device)
-    m_tile = min(4, triton.next_power_of_2(max(num_targets, 1)))
+    m_tile = min(M_TILE_MAX, triton.next_power_of_2(max(num_targets, 1)))
 
     part_keys = torch.empty((n_rows, num_blocks, k_padded), dtype=torch.int64, device=device)
     part_max = torch.empty((n_rows, num_blocks), dtype=torch.float32, device=device)
@@ -209,22 +266,24 @@ def topk_rank_triton(
     indices = _alloc((n_rows, k), torch.int64, device, -7)
     lse = _alloc((n_rows,), torch.float32, device, float("nan"))
     bad = _alloc((n_rows,), torch.int32, device, -7)
+    bad_targets = _alloc((n_rows,), torch.int32, device, -7)
     rank = _alloc((n_rows, max(num_targets, 1)), torch.int64, device, -7)
     logprob = _alloc((n_rows, max(num_targets, 1)), torch.float32, device, float("nan"))
 
-    num_warps = 4 if block <= 2048 else 8
+    num_warps = partial_warps(block)
+    if nb_pad is None:
+        nb_pad = min(triton.next_power_of_2(num_blocks), MAX_BLOCKS_PER_ROW)
     _topk_rank_partial_kernel[(n_rows, num_blocks)](
         logits, logits.stride(0), vocab, target_arg, num_targets,
         part_keys, part_max, part_sumexp, part_counts, part_bad, num_blocks,
         BLOCK_V=block, K=k, KP=k_padded, M_TILE=m_tile, BITONIC=bitonic, num_warps=num_warps,
     )
     _topk_rank_merge_kernel[(n_rows,)](
-        logits, logits.stride(0), target_arg, num_targets,
+        logits, logits.stride(0), vocab, target_arg, num_targets,
         part_keys, part_max, part_sumexp, part_counts, part_bad, num_blocks,
-        values, indices, lse, rank, logprob, bad,
-        K=k, KP=k_padded, NB_PAD=triton.next_power_of_2(num_blocks), M_TILE=m_tile, BITONIC=bitonic,
-        num_warps=4,
+        values, indices, lse, rank, logprob, bad, bad_targets,
+        K=k, KP=k_padded, NB_PAD=nb_pad, M_TILE=m_tile, BITONIC=bitonic, num_warps=MERGE_WARPS,
     )
     if targets is None:
-        return values, indices, lse, None, None, bad
-    return values, indices, lse, rank, logprob, bad
+        return values, indices, lse, None, None, bad, bad_targets
+    return values, indices, lse, rank, logprob, bad, bad_targets

@@ -114,7 +114,7 @@ def test_kernel_matches_reference_and_float64(case):
         result = topk_rank(logits_dev, case["k"], targets_dev, backend="triton")
     else:
         matrix = None if targets is None else targets_dev.reshape(case["n_rows"], -1)
-        values, indices, lse, rank, logprob, bad = topk_rank_triton(logits_dev, case["k"], matrix,
+        values, indices, lse, rank, logprob, bad, _ = topk_rank_triton(logits_dev, case["k"], matrix,
                                                                     block_v=case["block_v"])
         assert not bad.any()
         if targets is not None:
@@ -136,7 +136,7 @@ def test_reference_matches_float64(case):
 def test_kernel_large_vocab_many_blocks(vocab, k, block_v):
     logits = make_logits(7, 2, vocab, torch.float32, "some", 0.1)
     targets = torch.randint(0, vocab, (2, 3), generator=torch.Generator().manual_seed(3))
-    values, indices, lse, rank, logprob, _ = topk_rank_triton(logits.to(DEVICE), k, targets.to(DEVICE),
+    values, indices, lse, rank, logprob, _, _ = topk_rank_triton(logits.to(DEVICE), k, targets.to(DEVICE),
                                                               block_v=block_v)
     assert_matches(type(topk_rank(logits, 1))(values, indices, lse, rank, logprob), logits, k, targets)
 
