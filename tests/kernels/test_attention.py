@@ -75,6 +75,7 @@ def check_accuracy(q, k, v, prefill_mask, key_padding_mask, grads, backend, **op
 
 def _plain(kwargs):
     options = dict(kwargs)
+    options.pop("precision", None)  # the kernel's dot precision; plain PyTorch follows torch's own setting
     if "softmax_scale" in options:
         options["scale"] = options.pop("softmax_scale")
     return options

@@ -160,3 +160,14 @@ def test_attention_token_strides_past_two_to_the_31(tmp_path, monkeypatch):
     expected, expected_mass = prefill_attention(*(t.detach() for t in reference[:3]), reference[3], backend="torch")
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(mass, expected_mass, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision, allow_tf32", [(None, True), ("ieee", False)], ids=["tf32", "ieee"])
+def test_gpu_fp32_precisions(monkeypatch, precision, allow_tf32):
+    """float32 on a GPU: TF32 by default, within twice the error of plain PyTorch with TF32
+    matmuls; IEEE when asked, within twice plain float32's error."""
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", allow_tf32)
+    tensors = make_case(25, 2, 2, 2, 300, 400, 128, torch.float32, "span", True, torch.device("cuda"))
+    options = {} if precision is None else {"precision": precision}
+    check_accuracy(*tensors, backend="triton", softcap=30.0, **options)
