@@ -318,15 +318,26 @@ BLOCK_DS = (16, 32, 64, 128, 256)
 T = Tile
 
 # GPU launch configurations: GPU_TILES[kernel][arch][BLOCK_D] lists the tiles autotune chooses from,
-# the first being the default. Every one compiles with zero register spills for every flag
-# combination and dtype the wrappers launch (fp16, bf16, fp32 as TF32), measured with
-# `python -m benchmarks.compile_check` (triton 3.9, ptxas of its wheel; rows in
-# benchmarks/results/compile_check.csv). Registers are the largest over the variants; "smem" the
-# largest shared memory in KiB. Architectures other than sm_80 / sm_90 use the sm_80 lists, and
-# autotune drops a tile that does not fit the device's shared memory.
+# the first being the default. Architectures other than sm_80 / sm_90 use the sm_80 lists (autotune
+# drops a tile that does not fit the device's shared memory). Chosen with
+# `python -m benchmarks.tile_search` / `python -m benchmarks.compile_check`: ptxas of the Triton 3.9
+# wheel, no GPU, worst-case flags (causal + padding + window + softcap), bf16; rows in
+# benchmarks/results/compile_check.csv (the same tiles measured under Triton 3.6 in brackets).
 #
-#   kernel arch  D   tiles (BLOCK_M×BLOCK_N/warps/stages)        max regs  spills  smem KiB
-#   (table filled in below from the compile check, see TILE_TABLE)
+#   kernel arch  D    tile M×N/warps/stages   regs        spills  smem KiB
+#   fwd    sm80  64   128×64/4/2              255 [255]   0       24
+#   fwd    sm80  128  64×32/4/2               230 [230]   0       28   (fp32-TF32: 255, 0, 72.5)
+#   fwd    sm90  64   128×64/4/2              247 [232]   0       32   wgmma
+#   fwd    sm90  128  64×64/4/2               200 [188]   0       48   wgmma
+#   dkdv   sm80  64   32×32/4/2               160 [144]   0       18   (was 128×64/4/2: 255 regs, spills)
+#   dkdv   sm80  128  32×64/8/2               226 [211]   0       52
+#   dkdv   sm90  64   32×64/8/2               163 [175]   0       32   wgmma + mma
+#   dkdv   sm90  128  32×64/8/2               192 [197]   0       64   wgmma + mma
+#   dq     sm80  64   64×32/8/2               165 [168]   0       24
+#   dq     sm80  128  64×32/8/2               180 [176]   0       48
+#   dq     sm90  64   64×32/8/2               127 [127]   0       24   wgmma
+#   dq     sm90  128  64×32/8/2               193 [212]   0       48   wgmma
+# D = 16, 32 and 256 are checked by the default level of the compile check (not in CI).
 GPU_TILES: dict[str, dict[int, dict[int, list[Tile]]]] = {
     "fwd": {
         90: {16: [T(128, 64, 4, 2)], 32: [T(128, 64, 4, 2)], 64: [T(128, 64, 4, 2)], 128: [T(64, 64, 4, 2)],
