@@ -37,7 +37,7 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from deepalign.attacks.gcg import DEFAULT_SUFFIX, SuffixScorer, suffix_layout, target_string
+from deepalign.attacks.gcg import DEFAULT_SUFFIX, SuffixScorer, attack_record, greedy_answer, suffix_layout, target_string
 from deepalign.errors import InputError
 from deepalign.models.chat import encode_text
 
@@ -147,27 +147,11 @@ def embedding_attack(model, tokenizer, prompt: str, target: str, config: Embeddi
                            time.perf_counter() - started)
 
 
-@torch.no_grad()
 def greedy_answer_embedded(model, tokenizer, layout, suffix_ids: Sequence[int], perturbation: torch.Tensor,
                            max_new_tokens: int) -> str:
     """The model's greedy answer to the prompt whose suffix embeddings carry ``perturbation``."""
-    from deepalign.models.generation import end_token_ids
-
-    device = next(model.parameters()).device
-    ids = torch.tensor([layout.prompt_ids(suffix_ids)], dtype=torch.long, device=device)
-    context = getattr(model.config, "max_position_embeddings", None)
-    if context is not None and ids.shape[1] + max_new_tokens > context:
-        raise InputError(f"the attacked prompt has {ids.shape[1]} tokens; with {max_new_tokens} new tokens it "
-                         f"exceeds the model's context of {context}")
-    embeds = model.get_input_embeddings()(ids).clone()
-    start = len(layout.before)
-    embeds[0, start:start + len(suffix_ids)] += perturbation.to(embeds.dtype)
-    ends = end_token_ids(tokenizer)
-    out = model.generate(inputs_embeds=embeds, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                         do_sample=False, eos_token_id=ends, pad_token_id=tokenizer.pad_token_id)
-    generated = out[0].tolist()  # with inputs_embeds only, generate returns the new tokens
-    cut = next((i for i, t in enumerate(generated) if t in ends), len(generated))
-    return tokenizer.decode(generated[:cut], skip_special_tokens=True)
+    return greedy_answer(model, tokenizer, layout.prompt_ids(suffix_ids), max_new_tokens, perturbation=perturbation,
+                         at=len(layout.before))
 
 
 def embedding_setting(config: EmbeddingConfig) -> str:
@@ -180,7 +164,7 @@ def run_embedding(model, tokenizer, targets, judge, log, config: EmbeddingConfig
     """The embedding attack on every target not yet in ``log`` (one record each): loss trajectory,
     radius and largest perturbation norm, the greedy answer with the perturbed suffix and the
     judge's verdict. The perturbation itself is not logged (``[L, d]`` floats)."""
-    from deepalign.attacks.generation_attacks import record_key, target_fields
+    from deepalign.attacks.generation_attacks import record_key
 
     key = {t.id: record_key(tags, f"{t.id}|embedding") for t in targets}
     todo = [t for t in targets if key[t.id] not in log]
@@ -192,15 +176,9 @@ def run_embedding(model, tokenizer, targets, judge, log, config: EmbeddingConfig
             layout = suffix_layout(tokenizer, target.prompt, goal, system=system)
             output = greedy_answer_embedded(model, tokenizer, layout, result.suffix_ids, result.perturbation,
                                             max_new_tokens)
-            log.append({"key": key[target.id], "id": target.id, "category": target.category, "prompt": target.prompt,
-                        **target_fields(target), **(tags or {}), "run": 0, "attack": "embedding",
-                        "setting": embedding_setting(config), "target_string": goal,
-                        "suffix_init": tokenizer.decode(result.suffix_ids), "loss": round(result.loss, 6),
-                        "initial_loss": round(result.initial_loss, 6),
-                        "losses": [round(x, 6) for x in result.losses], "steps": result.steps,
-                        "radius": round(result.radius, 6), "max_norm": round(result.max_norm, 6),
-                        "target_matched": result.matched, "output": output, **judge(target, output),
-                        "seconds": round(result.seconds, 4)})
+            log.append(attack_record(target, key[target.id], tags, "embedding", embedding_setting(config), goal,
+                                     result, output, judge, suffix_init=tokenizer.decode(result.suffix_ids),
+                                     radius=round(result.radius, 6), max_norm=round(result.max_norm, 6)))
             bar.update(1)
     keys = set(key.values())
     return [r for r in log.records() if r["key"] in keys]

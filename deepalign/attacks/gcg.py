@@ -371,8 +371,11 @@ def target_string(target, default: str = DEFAULT_TARGET) -> str:
 
 
 @torch.no_grad()
-def greedy_answer(model, tokenizer, prompt_ids: Sequence[int], max_new_tokens: int) -> str:
-    """The model's greedy answer after the exact ``prompt_ids`` (up to the first end token)."""
+def greedy_answer(model, tokenizer, prompt_ids: Sequence[int], max_new_tokens: int, *,
+                  perturbation: torch.Tensor | None = None, at: int = 0) -> str:
+    """The model's greedy answer after the exact ``prompt_ids`` (up to the first end token). With
+    ``perturbation`` ``[L, d]``, it is added to the input embeddings of positions ``at … at + L − 1``
+    (the embedding attack's suffix) and the answer is decoded from the embeddings."""
     from deepalign.models.generation import end_token_ids
 
     device = next(model.parameters()).device
@@ -382,9 +385,14 @@ def greedy_answer(model, tokenizer, prompt_ids: Sequence[int], max_new_tokens: i
         raise InputError(f"the attacked prompt has {ids.shape[1]} tokens; with {max_new_tokens} new tokens it "
                          f"exceeds the model's context of {context}")
     ends = end_token_ids(tokenizer)
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
-                         eos_token_id=ends, pad_token_id=tokenizer.pad_token_id)
-    generated = out[0, ids.shape[1]:].tolist()
+    settings = dict(attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
+                    eos_token_id=ends, pad_token_id=tokenizer.pad_token_id)
+    if perturbation is None:
+        generated = model.generate(ids, **settings)[0, ids.shape[1]:].tolist()
+    else:
+        embeds = model.get_input_embeddings()(ids).clone()
+        embeds[0, at:at + perturbation.shape[0]] += perturbation.to(embeds.dtype)
+        generated = model.generate(inputs_embeds=embeds, **settings)[0].tolist()  # only the new tokens
     cut = next((i for i, t in enumerate(generated) if t in ends), len(generated))
     return tokenizer.decode(generated[:cut], skip_special_tokens=True)
 
@@ -423,17 +431,25 @@ def _gcg_one(model, tokenizer, target, judge, log, config: GCGConfig, key: str, 
              target_text: str | None, system: str | None, max_new_tokens: int, progress: bool,
              tags: dict | None) -> None:
     """Attack one target, answer, judge and append its record."""
-    from deepalign.attacks.generation_attacks import target_fields
-
     goal = target_text if target_text is not None else target_string(target)
     result = gcg_attack(model, tokenizer, target.prompt, goal, config, system=system, forbidden=forbidden,
                         progress=progress)
     layout = suffix_layout(tokenizer, target.prompt, goal, system=system)
     output = greedy_answer(model, tokenizer, layout.prompt_ids(result.suffix_ids), max_new_tokens)
-    log.append({"key": key, "id": target.id, "category": target.category, "prompt": target.prompt,
-                **target_fields(target), **(tags or {}), "run": 0, "attack": "gcg", "setting": gcg_setting(config),
-                "target_string": goal, "suffix": result.suffix, "suffix_ids": result.suffix_ids,
-                "loss": round(result.loss, 6), "initial_loss": round(result.initial_loss, 6),
-                "losses": [round(x, 6) for x in result.losses], "steps": result.steps,
-                "target_matched": result.matched, "output": output, **judge(target, output),
-                "seconds": round(result.seconds, 4)})
+    log.append(attack_record(target, key, tags, "gcg", gcg_setting(config), goal, result, output, judge,
+                             suffix=result.suffix, suffix_ids=result.suffix_ids))
+
+
+def attack_record(target, key: str, tags: dict | None, attack: str, setting: str, goal: str, result, output: str,
+                  judge, **fields) -> dict:
+    """One optimisation attack's log record: the target's fields and tags, the attack and its
+    setting, the loss trajectory of ``result`` (``loss``, ``initial_loss``, ``losses``, ``steps``,
+    ``matched``, ``seconds``), the answer and the judge's verdict, with the attack's own ``fields``."""
+    from deepalign.attacks.generation_attacks import target_fields
+
+    return {"key": key, "id": target.id, "category": target.category, "prompt": target.prompt,
+            **target_fields(target), **(tags or {}), "run": 0, "attack": attack, "setting": setting,
+            "target_string": goal, **fields, "loss": round(result.loss, 6),
+            "initial_loss": round(result.initial_loss, 6), "losses": [round(x, 6) for x in result.losses],
+            "steps": result.steps, "target_matched": result.matched, "output": output, **judge(target, output),
+            "seconds": round(result.seconds, 4)}

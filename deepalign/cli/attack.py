@@ -26,17 +26,7 @@ def register(commands) -> None:
     kinds = attack.add_subparsers(dest="kind", required=True, metavar="KIND")
     for kind, help_text in HELP.items():
         sub = kinds.add_parser(kind, help=help_text)
-        sub.add_argument("--model", required=True, type=model_source, help="local Hugging Face folder or GGUF file")
-        sub.add_argument("--output", required=True, type=output_file, help="JSON-lines results (rerunning resumes)")
-        sub.add_argument("--targets", type=existing_file,
-                         help="benchmark file (StrongREJECT, HarmBench, AdvBench, JBB, HEx-PHI, ...)")
-        sub.add_argument("--format", help="benchmark format (default: guessed)")
-        sub.add_argument("--world", type=existing_dir, help="synthetic world folder (targets, judge and oracle)")
-        sub.add_argument("--limit", type=positive_int, help="only the first N targets")
-        sub.add_argument("--judge", choices=("keyword", "synthetic"),
-                         help="judge (default: synthetic with --world, else keyword)")
-        sub.add_argument("--keywords", choices=("qi", "gcg"), default="qi",
-                         help="keyword judge: the refusal phrases of Qi et al.'s keyword_eval.py (default) or GCG's 29")
+        add_target_options(sub, world_help="synthetic world folder (targets, judge and oracle)")
         sub.add_argument("--batch-size", type=positive_int, default=16)
         sub.add_argument("--defense", choices=("none", "cls"), default="none",
                          help="cls: decode the [CLS] model behind its defense (re-classification, strategic decoding)")
@@ -77,6 +67,22 @@ def register(commands) -> None:
     from deepalign.cli import attack_gcg  # gcg and embedding: optimisation attacks (their own module)
 
     attack_gcg.register(kinds)
+
+
+def add_target_options(parser, *, world_help: str) -> None:
+    """The model, the output log, the targets (a benchmark file or the world) and the judge: the
+    options every attack kind shares."""
+    parser.add_argument("--model", required=True, type=model_source, help="local Hugging Face folder or GGUF file")
+    parser.add_argument("--output", required=True, type=output_file, help="JSON-lines results (rerunning resumes)")
+    parser.add_argument("--targets", type=existing_file,
+                        help="benchmark file (StrongREJECT, HarmBench, AdvBench, JBB, HEx-PHI, ...)")
+    parser.add_argument("--format", help="benchmark format (default: guessed)")
+    parser.add_argument("--world", type=existing_dir, help=world_help)
+    parser.add_argument("--limit", type=positive_int, help="only the first N targets")
+    parser.add_argument("--judge", choices=("keyword", "synthetic"),
+                        help="judge (default: synthetic with --world, else keyword)")
+    parser.add_argument("--keywords", choices=("qi", "gcg"), default="qi",
+                        help="keyword judge: the refusal phrases of Qi et al.'s keyword_eval.py (default) or GCG's 29")
 
 
 def add_prompt_options(parser) -> None:

@@ -8,8 +8,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from deepalign.cli.args import (add_model_options, existing_dir, existing_file, model_source, non_negative_int,
-                                output_file, positive_float, positive_int)
+from deepalign.cli.args import add_model_options, non_negative_int, positive_float, positive_int
 from deepalign.errors import InputError
 
 # The world's vocabulary has no "x": its suffixes start from a word it has.
@@ -32,21 +31,11 @@ def _target_text(text: str) -> str:
 
 def register(kinds) -> None:
     """Add ``gcg`` and ``embedding`` to ``deepalign attack``'s kinds."""
-    from deepalign.cli.attack import add_prompt_options
+    from deepalign.cli.attack import add_prompt_options, add_target_options
 
     for kind, help_text in HELP.items():
         sub = kinds.add_parser(kind, help=help_text, description=help_text + ".")
-        sub.add_argument("--model", required=True, type=model_source, help="local Hugging Face folder or GGUF file")
-        sub.add_argument("--output", required=True, type=output_file, help="JSON-lines results (rerunning resumes)")
-        sub.add_argument("--targets", type=existing_file,
-                         help="benchmark file (StrongREJECT, HarmBench, AdvBench, JBB, HEx-PHI, ...)")
-        sub.add_argument("--format", help="benchmark format (default: guessed)")
-        sub.add_argument("--world", type=existing_dir, help="synthetic world folder (targets and judge)")
-        sub.add_argument("--limit", type=positive_int, help="only the first N targets")
-        sub.add_argument("--judge", choices=("keyword", "synthetic"),
-                         help="judge of the answer (default: synthetic with --world, else keyword)")
-        sub.add_argument("--keywords", choices=("qi", "gcg"), default="qi",
-                         help="keyword judge: the refusal phrases of Qi et al.'s keyword_eval.py (default) or GCG's 29")
+        add_target_options(sub, world_help="synthetic world folder (targets and judge)")
         sub.add_argument("--target-text", type=_target_text,
                          help="the string every answer should start with (default: AdvBench's own target column, "
                               "the world's 'sure . to make ITEM :', else 'Sure, here is')")
