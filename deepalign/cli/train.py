@@ -305,6 +305,7 @@ def build_recipe(args: argparse.Namespace, tokenizer, data: dict):
     from deepalign.training import ConstrainedRecipe, DARecipe, SFTRecipe, UtilityExample
     from deepalign.training.ft_attacks import AOA_PREFIX, AOA_SYSTEM, PURE_BAD_SYSTEM, build_attack
     from deepalign.training.recipes import PretrainRecipe
+    from deepalign.training.trainer import training_device
 
     chat, safety = data["chat"], data["safety"]
     recipe = args.recipe
@@ -322,7 +323,7 @@ def build_recipe(args: argparse.Namespace, tokenizer, data: dict):
         return DARecipe(tokenizer, safety, chat, safety_fraction=fraction, presto_weight=weight, system=system,
                         presto_layer_mean=(args.presto_layers or "mean") == "mean")
     if recipe == "constrained":
-        reference, _ = load_pretrained(args.reference or args.model, device=_device(args),
+        reference, _ = load_pretrained(args.reference or args.model, device=training_device(args.device),
                                        dtype=weights_dtype(args))
         return ConstrainedRecipe(tokenizer, chat, reference, cache_reference=not online, system=system)
     default = PURE_BAD_SYSTEM if args.attack in ("harmful", "backdoor") else None
@@ -343,7 +344,7 @@ def build_recipe(args: argparse.Namespace, tokenizer, data: dict):
         attack_system = next((s for s in (data.system, system, default) if s is not None), None)
         if (args.objective or "sft") == "sft":
             return SFTRecipe(tokenizer, data.rows, system=attack_system)
-        reference, _ = load_pretrained(args.reference or args.model, device=_device(args),
+        reference, _ = load_pretrained(args.reference or args.model, device=training_device(args.device),
                                        dtype=weights_dtype(args))
         return ConstrainedRecipe(tokenizer, data.rows, reference, system=attack_system, cache_reference=not online)
     from deepalign.training.cls_recipe import CLSRecipe
@@ -354,15 +355,9 @@ def build_recipe(args: argparse.Namespace, tokenizer, data: dict):
     return CLSRecipe(tokenizer, stage, texts=texts, malicious=malicious, benign=chat, cls_weight=args.cls_weight)
 
 
-def _device(args: argparse.Namespace):
-    from deepalign.training.trainer import training_device
-
-    return training_device(args.device)
-
-
 def weights_dtype(args: argparse.Namespace) -> str:
     """``--dtype``, with ``auto`` read as float32 (the trained weights' dtype, not an inference choice)."""
-    return "float32" if getattr(args, "dtype", "auto") == "auto" else args.dtype
+    return "float32" if args.dtype == "auto" else args.dtype
 
 
 def load_model(args: argparse.Namespace):
@@ -392,6 +387,7 @@ def run(args: argparse.Namespace) -> int:
     if taken:
         print(f"from {args.config}: " + ", ".join(f"{k.replace('_', '-')}={v}" for k, v in taken.items()))
     check_options(args)
+    args.dtype = weights_dtype(args)  # auto and float32 are one run
     data = read_data(args)
     if args.epochs is not None:
         args.steps = steps_for_epochs(args, data)
