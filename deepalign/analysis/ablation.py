@@ -39,6 +39,21 @@ def top_heads(mass: torch.Tensor, k: int) -> list[tuple[int, int]]:
     return [(i // mass.shape[1], i % mass.shape[1]) for i in flat]
 
 
+def random_heads(shape: tuple[int, int], k: int, *, exclude: Sequence[tuple[int, int]] = (),
+                 seed: int = 0) -> list[tuple[int, int]]:
+    """``k`` (layer, head) pairs of a ``shape = (layers, heads)`` model drawn at random (a seeded
+    permutation of all heads, in its order) from the heads not in ``exclude``: the control of a
+    top-head ablation, which must not remove any of the heads it is compared with."""
+    layers, heads = shape
+    excluded = {(int(l), int(h)) for l, h in exclude}
+    available = layers * heads - len(excluded & {(l, h) for l in range(layers) for h in range(heads)})
+    if not 1 <= k <= available:
+        raise ValueError(f"k must be in [1, {available}] (heads outside the {len(excluded)} excluded), got {k}")
+    generator = torch.Generator().manual_seed(seed)
+    order = ((int(i) // heads, int(i) % heads) for i in torch.randperm(layers * heads, generator=generator))
+    return [cell for cell in order if cell not in excluded][:k]
+
+
 @torch.no_grad()
 def head_means(model, batches: Sequence[dict]) -> dict[int, torch.Tensor]:
     """Per layer, the mean ``o_proj`` input ``[H · D]`` over all real tokens of ``batches`` (dicts

@@ -69,6 +69,12 @@ def _render(tokenizer, example: PrefillExample) -> ChatSpans:
                        close_turn=False)
 
 
+def example_spans(tokenizer, example: PrefillExample) -> ChatSpans:
+    """The token spans (prompt, prefill, response = the continuation) of one example, as the
+    analyses here render it (e.g. to mark the prefill on :func:`attention_received`'s map)."""
+    return _render(tokenizer, example)
+
+
 @torch.no_grad()
 def prefill_mass_by_head(bridge, examples: Sequence[PrefillExample], *, queries: str = "response",
                          progress: bool = True) -> torch.Tensor:

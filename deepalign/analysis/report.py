@@ -5,6 +5,7 @@ JSON file beside it. PNG export uses kaleido when it and a Chromium are availabl
 from __future__ import annotations
 
 import html
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -17,7 +18,8 @@ from deepalign.io import atomic_write_json, atomic_write_text, check_writable_fi
 
 @dataclass
 class Section:
-    """A report section: a title, paragraphs and a table of (escaped) text, and an optional figure."""
+    """A report section: a title, paragraphs, ``metrics`` (each a (name, one-line meaning) pair, shown as
+    a list under the text), a table of (escaped) text, and an optional figure."""
 
     title: str
     text: Sequence[str] = ()
@@ -25,6 +27,24 @@ class Section:
     table: Sequence[Sequence[object]] = ()
     header: Sequence[str] = ()
     samples: Sequence[str] = field(default_factory=list)  # model generations, shown verbatim but escaped
+    metrics: Sequence[tuple[str, str]] = ()
+    banner: str = ""  # a warning shown above everything else of the section (e.g. a smoke run's)
+
+
+def _metric_pattern(name: str) -> re.Pattern:
+    """A metric's name as a pattern over table columns: a lone ``n`` stands for a number and
+    ``<…>`` for any text, so ``"prefill n"`` explains ``"prefill 5"``."""
+    parts = re.split(r"(<[^<>]*>|\bn\b)", name)
+    body = "".join(".+" if part.startswith("<") else r"\d+" if part == "n" else re.escape(part) for part in parts)
+    return re.compile(body + "$")
+
+
+def unexplained_columns(section: Section) -> list[str]:
+    """The table columns of ``section`` after the first (the row labels) that none of its
+    ``metrics`` explains: every number a report shows should have its one-line meaning."""
+    patterns = [_metric_pattern(name) for name, _ in section.metrics]
+    return [column for column in list(section.header)[1:]
+            if not any(pattern.match(str(column)) for pattern in patterns)]
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
@@ -41,7 +61,13 @@ def write_report(path: str | Path, title: str, sections: Sequence[Section]) -> P
     plotly_included = False
     for index, section in enumerate(sections):
         parts.append(f"<h2>{html.escape(section.title)}</h2>")
+        if section.banner:
+            parts.append(f"<p class='banner'>{html.escape(section.banner)}</p>")
         parts += [f"<p>{html.escape(paragraph)}</p>" for paragraph in section.text]
+        if section.metrics:
+            parts.append("<ul class='metrics'>" + "".join(
+                f"<li><b>{html.escape(name)}</b>: {html.escape(meaning)}</li>" for name, meaning in section.metrics)
+                + "</ul>")
         if section.table:
             parts.append(_table(section.header, section.table))
         if section.samples:
@@ -52,7 +78,9 @@ def write_report(path: str | Path, title: str, sections: Sequence[Section]) -> P
             plotly_included = True
             data[f"{index}: {section.title}"] = figure_data(section.figure)
     style = ("body{font-family:sans-serif;max-width:1100px;margin:auto}table{border-collapse:collapse}"
-             "td,th{border:1px solid #ccc;padding:3px 8px}pre.sample{background:#f6f6f6;white-space:pre-wrap}")
+             "td,th{border:1px solid #ccc;padding:3px 8px}pre.sample{background:#f6f6f6;white-space:pre-wrap}"
+             "p.banner{background:#fff3cd;border:2px solid #e0a800;padding:8px 12px;font-weight:bold}"
+             "ul.metrics{font-size:92%}")
     document = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
                 f"<style>{style}</style></head><body>{''.join(parts)}</body></html>")
     atomic_write_text(path, document)
