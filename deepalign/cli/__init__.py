@@ -7,6 +7,7 @@ library.
 * ``deepalign attack {prefill,rap,decoding}``: attacks, judged and logged resumably (:mod:`.attack`);
 * ``deepalign autorap {data,train}``: the AutoRAP classifier (:mod:`.autorap`);
 * ``deepalign judge``: re-judging a result log (:mod:`.judge`);
+* ``deepalign evaluate {gsm8k,samsum,over-refusal}``: utility and over-refusal (:mod:`.evaluate`);
 * ``deepalign analyze …``: synthetic-world analyses as an HTML report (:mod:`.analyze`);
 * ``deepalign demo`` and ``deepalign stages``: the synthetic-world studies (:mod:`.demo`).
 
@@ -21,10 +22,10 @@ import argparse
 import os
 import sys
 
-from deepalign.cli import analyze, attack, autorap, convert, demo, judge, selfcheck, train, world
+from deepalign.cli import analyze, attack, autorap, convert, demo, evaluate, judge, selfcheck, train, world
 from deepalign.errors import DeepalignError
 
-SUBCOMMANDS = (selfcheck, train, world, attack, autorap, judge, analyze, demo, convert)
+SUBCOMMANDS = (selfcheck, train, world, attack, autorap, judge, evaluate, analyze, demo, convert)
 
 
 class Parser(argparse.ArgumentParser):
