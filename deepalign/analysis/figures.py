@@ -6,6 +6,7 @@ Text in a figure that comes from a caller (token strings, model names, titles) g
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Mapping, Sequence
 
@@ -60,10 +61,12 @@ def _rgba(colour: str, alpha: float) -> str:
 
 
 def line_styles(names: Sequence[str]) -> dict[str, dict[str, str]]:
-    """A distinct ``{"color", "dash", "group"}`` per line name. A name ``"model: kind"`` takes its
+    """A distinct ``{"color", "dash", "width", "group"}`` per line name. A name ``"model: kind"`` takes its
     model's colour (one per model, in order of appearance) — darker for the model's first kind, a
     lighter tint for later kinds — and its kind's dash (one per kind), so that every line differs
-    from every other in colour and the model and the kind can each be read at a glance."""
+    from every other in colour and the model and the kind can each be read at a glance. Earlier
+    models' lines are wider, so that lines lying on top of each other (e.g. every model's harmful
+    token at rank 1) still show each colour."""
     models: dict[str, int] = {}
     kinds: dict[str, int] = {}
     styles = {}
@@ -74,7 +77,9 @@ def line_styles(names: Sequence[str]) -> dict[str, dict[str, str]]:
         base = MODEL_COLOURS[m % len(MODEL_COLOURS)]
         cycle = m // len(MODEL_COLOURS)  # past eight models, tints tell the cycles apart
         styles[name] = {"color": _tint(base, min(0.8, 0.45 * k + 0.25 * cycle)) if (k or cycle) else base,
-                        "dash": DASHES[k % len(DASHES)], "group": model}
+                        "dash": DASHES[k % len(DASHES)], "group": model, "index": m}
+    for style in styles.values():  # earlier models drawn wider, so lines that coincide stay visible
+        style["width"] = 2.0 + 1.0 * (len(models) - 1 - style.pop("index"))
     return styles
 
 
@@ -122,19 +127,34 @@ def position_lines(series: Mapping[str, torch.Tensor], title: str, *, yaxis: str
                                     name=plain_label(f"{name} {label}")))
         figure.add_trace(go.Scatter(x=x, y=centre.tolist(), mode="lines", name=plain_label(name),
                                     legendgroup=plain_label(style["group"]),
-                                    line={"color": style["color"], "dash": style["dash"], "width": 2.5}))
+                                    line={"color": style["color"], "dash": style["dash"], "width": style["width"]}))
     centre_name = "mean" if band == "std" else "median"
     band_name = "±1 std" if band == "std" else f"{quantiles[0]:.0%}–{quantiles[1]:.0%} quantiles"
     figure.update_layout(title=plain_label(f"{title} ({centre_name}, band: {band_name})"),
                          xaxis_title="response position", yaxis_title=plain_label(yaxis), xaxis=_integer_axis(width))
     if log_y:
-        figure.update_yaxes(type="log")
+        figure.update_yaxes(type="log", **_log_ticks(series.values(), low))
     return figure
 
 
-def _heat_axes(figure: go.Figure, layers: int, heads: int, **where) -> None:
+def _log_ticks(values, low: float | None) -> dict:
+    """Ticks 1, 2, 5, 10, 20, 50, … up to the largest value, and, with ``low``, the axis starting at
+    it (so a log axis shows no range below what the quantity can take)."""
+    finite = [float(torch.nan_to_num(v.double(), nan=0.0).max()) for v in values]
+    top = max([1.0, *finite])
+    ticks, decade = [], 1
+    while decade <= top * 10:
+        ticks += [decade * m for m in (1, 2, 5) if low is None or decade * m >= low]
+        decade *= 10
+    settings = {"tickvals": ticks, "ticktext": [f"{t:g}" for t in ticks]}
+    if low is not None and low > 0:
+        settings["range"] = [math.log10(low) - 0.04, math.log10(top) + 0.08]
+    return settings
+
+
+def _heat_axes(figure: go.Figure, layers: int, heads: int, *, layer_title: bool = True, **where) -> None:
     figure.update_xaxes(title_text="head", **_integer_axis(heads), **where)
-    figure.update_yaxes(title_text="layer", **_integer_axis(layers), **where)
+    figure.update_yaxes(title_text="layer" if layer_title else None, **_integer_axis(layers), **where)
 
 
 def head_heatmap(matrix: torch.Tensor, title: str, *, colorbar: str = "mass", zmin: float | None = None,
@@ -147,10 +167,11 @@ def head_heatmap(matrix: torch.Tensor, title: str, *, colorbar: str = "mass", zm
     figure = go.Figure(go.Heatmap(z=_grid(matrix), x=list(range(matrix.shape[1])), y=list(range(matrix.shape[0])),
                                   zmin=zmin, zmax=zmax, colorscale="Viridis",
                                   colorbar={"title": {"text": plain_label(colorbar), "side": "right"}}))
-    for (name, cells), symbol in zip((marks or {}).items(), ("x", "circle-open", "square-open", "diamond-open")):
+    for (name, cells), symbol in zip((marks or {}).items(), ("x", "circle", "square", "diamond")):
+        # White with a black edge: visible on every cell of the colour scale and in the legend.
         figure.add_trace(go.Scatter(x=[h for _, h in cells], y=[l for l, _ in cells], mode="markers",
-                                    name=plain_label(name), marker={"symbol": symbol, "size": 14, "color": "white",
-                                                                    "line": {"width": 2, "color": "white"}}))
+                                    name=plain_label(name), marker={"symbol": symbol, "size": 13, "color": "white",
+                                                                    "line": {"width": 1.5, "color": "black"}}))
     figure.update_layout(title=plain_label(title), legend={"orientation": "h", "y": -0.2})
     _heat_axes(figure, *matrix.shape)
     return figure
@@ -181,8 +202,8 @@ def comparison_heatmaps(first: torch.Tensor, second: torch.Tensor, names: tuple[
                                                     "side": "right"}, "x": 1.01, "xanchor": "left",
                                           "thickness": 14}),
                      row=1, col=3)
-    for column in (1, 2, 3):
-        _heat_axes(figure, *first.shape, row=1, col=column)
+    for column in (1, 2, 3):  # the layer axis titled once, clear of the colour bars
+        _heat_axes(figure, *first.shape, layer_title=column == 1, row=1, col=column)
     return figure
 
 

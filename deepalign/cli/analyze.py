@@ -83,6 +83,8 @@ def run(args: argparse.Namespace) -> int:
     for section in sections:
         print(f"== {section.title}")
         print("\n".join(section.text))
+        for name, meaning in section.metrics:
+            print(f"  {name}: {meaning}")
         if section.table:
             print(" | ".join(section.header))
             for row in section.table:

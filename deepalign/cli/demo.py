@@ -10,7 +10,8 @@ from deepalign.cli.args import non_negative_int, output_dir, positive_int
 
 def register(commands) -> None:
     demo = commands.add_parser("demo", help="shallow vs deep vs PRESTO on the synthetic world, end to end")
-    demo.add_argument("--quick", action="store_true", help="one seed, a smaller model and shorter training")
+    demo.add_argument("--quick", action="store_true", help="a smoke run: one seed, a smaller model and shorter training (its "
+                                                               "numbers are not the study's; labelled so)")
     demo.add_argument("--seeds", type=non_negative_int, nargs="+", help="seeds (default 0 1 2; --quick: 0)")
     demo.add_argument("--output", type=output_dir,
                       help="output folder (default runs/demo, or runs/demo-quick with --quick; reruns resume)")
@@ -27,14 +28,17 @@ def register(commands) -> None:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    from deepalign.experiments.demo import DemoSettings, default_output, format_table, run_demo, write_demo_report
+    from deepalign.experiments.demo import (DemoSettings, default_output, demo_job, format_table, run_demo,
+                                            write_demo_report)
 
     seeds = args.seeds if args.seeds else ([0] if args.quick else [0, 1, 2])
     output = args.output or default_output(args.quick)
     start = time.perf_counter()
-    rows = run_demo(output, DemoSettings(seeds=tuple(seeds), quick=args.quick))
-    print(format_table(rows))
-    report = write_demo_report(output, rows, seeds[0])
+    settings = DemoSettings(seeds=tuple(seeds), quick=args.quick)
+    job = demo_job(settings)
+    rows = run_demo(output, settings, job=job)
+    print(format_table(rows, quick=args.quick))
+    report = write_demo_report(output, rows, seeds[0], quick=args.quick, seeds=seeds, job=job)
     print(f"({time.perf_counter() - start:.0f} s, seeds {seeds}) results: {output}/results.jsonl  report: {report}")
     return 0
 

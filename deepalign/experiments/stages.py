@@ -28,8 +28,12 @@ objective's bound on early tokens matters.
 from __future__ import annotations
 
 import copy
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Sequence
+
+from tqdm.auto import tqdm
 
 from deepalign.data.synthetic import SyntheticWorld
 from deepalign.io import atomic_write_json, check_settings
@@ -68,6 +72,43 @@ class StageSettings:
     progress: bool = True
 
 
+class JobProgress:
+    """The whole job's progress: before each step (a stage trained or loaded, an evaluation, an
+    attack run), one line on stderr such as ``[seed 0 (1/3), stage 2/8: shallow | job 2/45] training,
+    600 steps``, so that the bars of the step below it can be read as part of the job."""
+
+    def __init__(self, total: int, *, enabled: bool = True, stream=None):
+        self.total, self.done, self.enabled, self.stream = total, 0, enabled, stream
+        self.seed = ""
+
+    def for_seed(self, seed: int, index: int, count: int) -> None:
+        """The steps that follow belong to ``seed``, the ``index``-th (1-based) of ``count`` seeds."""
+        self.seed = f"seed {seed} ({index}/{count})"
+
+    def step(self, where: str, what: str) -> str:
+        """Count one step of the job and (when enabled) print its line; returns the line."""
+        self.done += 1
+        place = ", ".join(part for part in (self.seed, where) if part)
+        line = f"[{place} | job {self.done}/{self.total}] {what}"
+        if self.enabled:
+            tqdm.write(line, file=self.stream or sys.stderr)
+        return line
+
+
+def stage_plan(stages: Sequence[str] = STAGES) -> list[str]:
+    """The stages :func:`run_stages` trains (or loads) for ``stages``, in its order: base always;
+    shallow also when a fine-tuning attack needs it; [CLS] last."""
+    wanted = set(stages)
+    if wanted & set(ATTACK_STAGES):
+        wanted.add("shallow")
+    return ["base", *(name for name in ("shallow", "da", "presto", *ATTACK_STAGES, CLS_STAGE) if name in wanted)]
+
+
+def stage_steps(stages: Sequence[str] = STAGES) -> int:
+    """Job steps of one :func:`run_stages` call: each planned stage and the evaluation."""
+    return len(stage_plan(stages)) + 1
+
+
 def _train(model, tokenizer, recipe, folder: Path, steps: int, lr: float, settings: StageSettings):
     config = TrainerConfig(output_dir=str(folder), steps=steps, batch_size=settings.batch_size, lr=lr,
                            checkpoint_every=max(1, steps // 3), seed=settings.seed, progress=settings.progress)
@@ -75,10 +116,20 @@ def _train(model, tokenizer, recipe, folder: Path, steps: int, lr: float, settin
     return model
 
 
-def run_stages(output: str | Path, settings: StageSettings | None = None, stages=STAGES) -> dict[str, StageReport]:
-    """Train (or reload) each stage, evaluate it, and write ``output/reports.json``."""
+def run_stages(output: str | Path, settings: StageSettings | None = None, stages=STAGES, *,
+               job: JobProgress | None = None) -> dict[str, StageReport]:
+    """Train (or reload) each stage, evaluate it, and write ``output/reports.json``. ``job``: the
+    progress of a larger job this is part of (default: this call alone, shown when
+    ``settings.progress``)."""
     settings = settings or StageSettings()
     output = Path(output)
+    plan = stage_plan(stages)
+    job = job or JobProgress(stage_steps(stages), enabled=settings.progress)
+
+    def announce(name: str, what: str) -> None:
+        index = plan.index(name) + 1 if name in plan else len(plan) + 1
+        job.step(f"stage {index}/{len(plan) + 1}: {name}", what)
+
     defining = {k: v for k, v in asdict(settings).items() if k != "progress"}
     check_settings(output / "stage_settings.json", defining,
                    fresh=f"use another output folder, or delete {output} to start over")
@@ -90,8 +141,10 @@ def run_stages(output: str | Path, settings: StageSettings | None = None, stages
     def stage(name: str, start, recipe_factory, steps: int, lr: float, attention: str | None = None):
         final = output / name / "final"
         if final.is_dir():
+            announce(name, f"on disk, loading {final}")
             model, _ = load_pretrained(final, attn_implementation=attention)
             return model
+        announce(name, f"training, {steps} steps")
         model = copy.deepcopy(start)
         if attention:
             from deepalign.models.attention import register_attention
@@ -134,7 +187,12 @@ def run_stages(output: str | Path, settings: StageSettings | None = None, stages
                 lambda: ConstrainedRecipe(tokenizer, attack, copy.deepcopy(shallow), progress=settings.progress),
                 settings.attack_steps, settings.attack_lr)
     if CLS_STAGE in stages:
+        on_disk = (output / CLS_STAGE / "final").is_dir()
+        announce(CLS_STAGE, f"on disk, keeping {output / CLS_STAGE / 'final'}" if on_disk else
+                 f"training, {settings.cls_pretrain_steps} steps of [CLS] pretraining then {settings.align_steps} "
+                 "of [CLS] SFT")
         train_cls_stage(output, base, world, settings)
+    announce("evaluate", f"evaluating {len(models)} models on the world (refusal, prefilling, utility, ranks)")
     reports = {name: evaluate_stage(model, tokenizer, world) for name, model in models.items()}
     atomic_write_json(output / "reports.json", {"settings": asdict(settings),
                                                 "reports": {k: asdict(v) for k, v in reports.items()}})

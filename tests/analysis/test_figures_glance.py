@@ -57,6 +57,7 @@ def test_every_line_has_its_own_colour_and_each_kind_its_own_dash():
 def test_ranks_are_on_a_log_axis_with_bands_at_or_above_rank_one():
     figure = position_lines(rank_series(), "ranks", yaxis="rank", log_y=True, band="quantile", low=1.0)
     assert figure.layout.yaxis.type == "log"
+    assert figure.layout.yaxis.tickvals[:4] == (1, 2, 5, 10) and -0.05 <= figure.layout.yaxis.range[0] <= 0
     for band in bands_of(figure):
         assert min(y for y in band.y if not math.isnan(y)) >= 1.0
     assert "median" in figure.layout.title.text and "quantiles" in figure.layout.title.text

@@ -8,10 +8,11 @@ from dataclasses import asdict
 
 import pytest
 
-from deepalign.experiments.stages import ATTACK_STAGES, STAGES, StageSettings, format_reports, run_stages
+from deepalign.experiments.stages import (ATTACK_STAGES, STAGES, JobProgress, StageSettings, format_reports, run_stages,
+                                         stage_plan)
 
 
-def test_stages_run_end_to_end_and_resume(tmp_path, monkeypatch):
+def test_stages_run_end_to_end_and_resume(tmp_path, monkeypatch, capsys):
     # The pipeline's own CPU path: the PyTorch reference attention, not Triton's (slow) interpreter.
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     settings = StageSettings(hidden_size=64, layers=2, pretrain_steps=12, align_steps=4, shallow_steps=5, attack_steps=3,
@@ -31,6 +32,16 @@ def test_stages_run_end_to_end_and_resume(tmp_path, monkeypatch):
     again = run_stages(tmp_path, settings)  # every stage is on disk: nothing is trained again
     assert {stage: (tmp_path / stage / "metrics.jsonl").read_text() for stage in STAGES} == metrics
     assert again == reports
+    # With progress on, one line per step names the stage, n of N (everything is on disk: no bar).
+    capsys.readouterr()
+    from dataclasses import replace
+
+    run_stages(tmp_path, replace(settings, progress=True))
+    lines = [line for line in capsys.readouterr().err.splitlines() if "| job " in line]
+    assert [line.split("]")[0] for line in lines] == [
+        "[stage 1/5: base | job 1/5", "[stage 2/5: shallow | job 2/5", "[stage 3/5: da | job 3/5",
+        "[stage 4/5: presto | job 4/5", "[stage 5/5: evaluate | job 5/5"]
+    assert "on disk" in lines[0] and "evaluating 4 models" in lines[-1]
     # The fine-tuning attacks on the shallow model (plain SFT and the constrained objective).
     attacked = run_stages(tmp_path, settings, stages=STAGES + ATTACK_STAGES)
     assert list(attacked) == list(STAGES + ATTACK_STAGES)
@@ -57,6 +68,14 @@ def test_stages_run_end_to_end_and_resume(tmp_path, monkeypatch):
     assert all(0.0 <= float(value) <= 1.0 for row in knockout.table for value in row[1:])
     ranks = next(s for s in sections if s.title.startswith("Ranks"))
     assert [row[0] for row in ranks.table] == list(STAGES) and len(ranks.header) == 7
+    from deepalign.analysis.report import unexplained_columns
+
+    assert {s.title: unexplained_columns(s) for s in sections} == {s.title: [] for s in sections}
+    assert all(any(line.startswith("Seed: the models of seed 0 only") for line in s.text) for s in sections)
+    ablation = sections[-1]
+    top, control = ablation.figure.data[1], ablation.figure.data[2]  # the marked heads
+    assert len(top.x) == len(control.x) == 4
+    assert not set(zip(top.y, top.x)) & set(zip(control.y, control.x))
     path = write_report(tmp_path / "report.html", "stages", sections)
     assert path.stat().st_size > 1_000_000
 
@@ -70,3 +89,12 @@ def test_stages_refuse_an_output_made_with_other_settings(tmp_path):
     (tmp_path / "stage_settings.json").write_text(json.dumps(recorded))
     with pytest.raises(SettingsMismatchError, match=r"other settings \(align_steps: 150 → 7; seed: 0 → 1\)"):
         run_stages(tmp_path, StageSettings(seed=1, align_steps=7, progress=False))
+
+
+def test_the_job_progress_counts_every_step_of_the_whole_job():
+    assert stage_plan(STAGES) == list(STAGES)
+    assert stage_plan(("base", "da", "ft-sft", "cls")) == ["base", "shallow", "da", "ft-sft", "cls"]
+    job = JobProgress(3, enabled=False)
+    job.for_seed(7, 2, 3)
+    assert job.step("stage 1/5: base", "training, 9 steps") == "[seed 7 (2/3), stage 1/5: base | job 1/3] training, 9 steps"
+    assert job.step("x", "y").endswith("job 2/3] y")
