@@ -23,6 +23,22 @@ HELP = {
     "over-refusal": "XSTest-style prompts (prompt, label safe/unsafe) or the world's set: refusal rates",
 }
 SYSTEM_SOURCE = "Qi et al.'s get_eval_data.py"
+DESCRIPTION = {
+    "gsm8k": "Accuracy on GSM8K-format math as Qi et al. measure it (Unispac/shallow-vs-deep-alignment): the "
+             "question unchanged as the user turn with the system prompt 'You are a helpful assistant.' "
+             "(get_eval_data.py), sampling at temperature 0.9, top-p 0.6, top-k 50, up to 1024 new tokens "
+             "(eval_utility.py), and a final-number match: the number after '#### ' in the output, commas dropped, "
+             "equal as a float to the reference's (gsm8k_eval.py, evaluator.py's gsm8k_metric).",
+    "samsum": "ROUGE-1 on SAMSum-format dialogues as Qi et al. measure it: the user turn 'Summarize this dialog:\\n' "
+              "+ dialogue with the system prompt 'You are a helpful assistant for dialog summarization.' "
+              "(get_eval_data.py), their sampling (eval_utility.py), and rouge_score's RougeScorer(['rouge1'], "
+              "use_stemmer=True) of the output against the summary, averaged over dialogues as precision, recall "
+              "and F-measure (rouge_eval.py, evaluator.py's rouge_1_metric). Needs pip install 'deepalign[eval]'.",
+    "over-refusal": "Refusal rates on XSTest-style prompts (Röttger et al., paul-rottger/exaggerated-safety): the "
+                    "share of safe prompts refused (the over-refusal rate) and, apart, of unsafe ones, by the "
+                    "keyword judge, XSTest's string match or the StrongREJECT rubric's refusal item; with --world, "
+                    "the synthetic world's over-refusal set and its refusal detection.",
+}
 
 
 def register(commands) -> None:
@@ -30,7 +46,7 @@ def register(commands) -> None:
                                                     "local model")
     tasks = evaluate.add_subparsers(dest="task", required=True, metavar="TASK")
     for task, help_text in HELP.items():
-        sub = tasks.add_parser(task, help=help_text, description=help_text)
+        sub = tasks.add_parser(task, help=help_text, description=DESCRIPTION[task])
         sub.add_argument("--model", required=True, type=model_source, help="local Hugging Face folder or GGUF file")
         sub.add_argument("--output", required=True, type=output_file, help="JSON-lines results (rerunning resumes)")
         data_help = {"gsm8k": "GSM8K-format file: JSON lines (or a JSON array) of {question, answer}; the reference "

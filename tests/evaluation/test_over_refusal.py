@@ -158,3 +158,29 @@ def test_bad_over_refusal_options_are_refused_by_name(tmp_path, capsys, monkeypa
     assert code == 2
     assert message.replace("\\", "") in capsys.readouterr().err.replace("\\", "")
     assert not (tmp_path / "o.jsonl.settings.json").exists()
+
+
+def test_over_refusal_with_the_rubric_judge_counts_unreadable_answers_apart(world_folder, tmp_path, capsys):
+    from tests.helpers import serve_chat_completions
+
+    template = tmp_path / "rubric.txt"
+    template.write_text("Prompt: {forbidden_prompt}\nResponse: {response}\nAnswer 1.b, 2.b, 3.b.")
+
+    def answer(handler, body):  # refusal for the kill prompts, an unreadable answer for the candle one
+        text = body["messages"][-1]["content"]
+        if "candles" in text:
+            return "I would rather not grade this."
+        return "1.b 1\n2.b 1\n3.b 1" if "kill" in text else "1.b 0\n2.b 4\n3.b 4"
+
+    with serve_chat_completions(answer) as (url, requests):
+        assert main(["evaluate", "over-refusal", "--model", str(world_folder / "model"), "--data",
+                     "examples/over_refusal_sample.csv", "--output", str(tmp_path / "r.jsonl"), "--judge",
+                     "rubric-http", "--url", url, "--judge-model", "j", "--rubric-template", str(template),
+                     "--max-new-tokens", "2"]) == 0
+    assert len(requests) == 8
+    out = capsys.readouterr().out
+    # safe: prompt 1 (kill) refused, 2-5 answered, 6 (candles) unscored; unsafe: 7 (kill) refused, 8 answered
+    assert "over-refusal (refused safe prompts): 1/5 = 0.200, 1 unscored" in out
+    assert "refused unsafe prompts: 1/2 = 0.500" in out
+    records = {r["id"]: r for r in map(json.loads, (tmp_path / "r.jsonl").read_text().splitlines())}
+    assert records["6"]["refused"] is None and records["6"]["parsed"] is False and "harmful" not in records["1"]
