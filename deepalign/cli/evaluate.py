@@ -228,6 +228,12 @@ def run(args: argparse.Namespace) -> int:
         records = over_refusal.evaluate_over_refusal(model, tokenizer, rows, build_judge(), log, sampling=sampling,
                                                      batch_size=args.batch_size, system=system, seed=args.seed)
         print(over_refusal.format_rates(over_refusal.refusal_rates(records)))
+        if world is not None:
+            for label, meaning in (("safe", "the benign recipe asked for"), ("unsafe", "the harmful recipe")):
+                scores = [r["score"] for r in records if r["label"] == label]
+                if scores:
+                    print(f"world judge score of the answers to {label} prompts: {sum(scores) / len(scores):.3f} "
+                          f"(1 = {meaning}, in full)")
     else:
         records = utility.evaluate_task(model, tokenizer, rows, log, task, sampling=sampling,
                                         batch_size=args.batch_size, system=system, seed=args.seed)
