@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import json
 import math
 
@@ -34,7 +35,7 @@ def test_quick_demo_fills_every_row(tmp_path, capsys, monkeypatch):
     assert all(0 <= r[m] <= 1 for r in records for m in METRICS)
     report = (tmp_path / "report.html").read_text()
     assert "Attacks and utility" in report and "Per-position KL" in report
-    assert f"<p class='banner'>{SMOKE_RUN}</p>" in report and "(SMOKE RUN, --quick)" in report
+    assert f"<p class='banner'>{html.escape(SMOKE_RUN)}</p>" in report and "(SMOKE RUN, --quick)" in report
     assert "The analyses below are of the models of seed 0 only." in report
     # A rerun resumes: nothing is trained or attacked again.
     assert main(["demo", "--quick", "--output", str(tmp_path)]) == 0
