@@ -43,7 +43,10 @@ REQUIRED = {"sft": ("chat",), "da": ("safety",), "presto": ("safety",), "constra
             "pretrain": ("texts",), "ft-attack": ("attack",), "cls-pretrain": ("safety", "chat", "texts", "malicious_texts"),
             "cls-sft": ("safety", "chat")}
 BOOKKEEPING = ("output", "no_resume", "checkpoint_every", "run", "command", "config", "gradient_checkpointing",
-               "device")
+               "device", "loss_normalisation")  # (the last is recorded, resolved, by TrainerConfig)
+# --loss-normalisation by recipe: PRESTO is Vega & Singh's (their step-wide token count), the rest follow
+# Qi et al.'s trainer (each micro-batch's own token mean); the [CLS] recipes are per micro-batch only.
+DEFAULT_NORMALISATION = {"presto": "step"}
 NOT_IN_CONFIG = ("model", "output", "config", "run", "command", "help")
 
 TRAIN_HELP = """recipes:
@@ -136,6 +139,11 @@ def register(commands) -> None:
     train.add_argument("--warmup-steps", type=non_negative_int, default=0, help="linear warm-up steps (default 0)")
     train.add_argument("--scheduler", choices=("linear", "constant", "cosine"), default="linear",
                        help="learning-rate schedule after warm-up (default linear decay to 0, as both authors)")
+    train.add_argument("--loss-normalisation", choices=("step", "micro-batch"),
+                       help="divide every loss term by the supervised tokens of the whole optimizer step, over all "
+                            "micro-batches and processes (step: Vega & Singh's deep_safety_alignment.py, the default "
+                            "for presto), or by each micro-batch's own count (micro-batch: Qi et al.'s trainer, the "
+                            "default for the other recipes); the same with one micro-batch on one process")
     train.add_argument("--gradient-checkpointing", action="store_true",
                        help="recompute activations in the backward pass (less memory; same losses and gradients)")
     train.add_argument("--checkpoint-every", type=positive_int, default=50, help="steps between checkpoints (default 50)")
@@ -260,6 +268,8 @@ def trainer_config(args: argparse.Namespace):
                          weight_decay=args.weight_decay, adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2,
                          warmup_steps=args.warmup_steps, scheduler=args.scheduler,
                          gradient_checkpointing=args.gradient_checkpointing,
+                         loss_normalisation=args.loss_normalisation or DEFAULT_NORMALISATION.get(args.recipe,
+                                                                                                 "micro-batch"),
                          seed=args.seed, mixed_precision="bf16" if args.bf16 else "no", resume=not args.no_resume,
                          device=args.device,
                          lora_rank=args.lora_rank or 0, run_settings=run_settings(args))

@@ -35,7 +35,11 @@ DEFAULT_WEIGHTS = {"pretrain": 0.01, "sft": 0.1}
 class CLSRecipe:
     """``CLSRecipe(tokenizer, "pretrain", texts=[(text, label), …], malicious=…, benign=…)`` or
     ``CLSRecipe(tokenizer, "sft", malicious=[…], benign=[…])``; chat rows are
-    :class:`~deepalign.data.rows.UtilityExample` (prompt, response)."""
+    :class:`~deepalign.data.rows.UtilityExample` (prompt, response). One process only: the
+    safety head is applied outside the model's forward, where DDP would not synchronise its
+    gradients."""
+
+    single_process = True
 
     def __init__(self, tokenizer, stage: str, *, texts: Sequence[tuple[str, int]] = (),
                  malicious: Sequence[UtilityExample] = (), benign: Sequence[UtilityExample] = (),

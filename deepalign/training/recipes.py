@@ -1,9 +1,12 @@
 """Training recipes: what a step samples and which loss terms it computes.
 
 A recipe has ``sample(rng, batch_size) -> list[TrainingItem]`` and
-``loss_terms(model, batch) -> {"loss": …, <term>: …}``, where ``batch`` is
-:func:`deepalign.models.chat.collate` of the items plus their stacked ``loss_mask``. Every loss
-is a mean over the supervised tokens of the (micro-)batch.
+``loss_terms(model, batch, tokens=None) -> {"loss": …, <term>: …}``, where ``batch`` is
+:func:`deepalign.models.chat.collate` of the items plus their stacked ``loss_mask``. Every term is
+a sum over the supervised tokens divided by ``tokens``: by default the micro-batch's own count (a
+mean over its supervised tokens), or the trainer's step-wide count per micro-batch
+(``loss_normalisation="step"``, see :mod:`deepalign.training.trainer`). Recipes that accept
+``tokens`` say so with ``token_normalised = True``.
 
 * ``pretrain``: language modelling on plain texts (every token) mixed with chat rows (loss on the
   response), e.g. the synthetic world's knowledge stream and compliant answers: the base model.
@@ -55,11 +58,22 @@ def batch_inputs(model, batch):
     return batch["input_ids"].to(device), batch["attention_mask"].to(device), batch["loss_mask"].to(device)
 
 
-def mean_nll_terms(model, batch) -> dict[str, torch.Tensor]:
-    """The mean NLL over the batch's supervised tokens, as ``{"loss", "nll"}``."""
+def supervised_tokens(batch) -> int:
+    """The batch's supervised target tokens (its ``loss_mask`` past position 0, which no logit predicts)."""
+    return int(batch["loss_mask"][:, 1:].sum())
+
+
+def token_denominator(count: int, tokens: float | None) -> float:
+    """What a recipe divides its token sums by: ``tokens`` when the trainer gives it, else the
+    micro-batch's own ``count`` (at least 1)."""
+    return float(tokens) if tokens is not None else max(count, 1)
+
+
+def mean_nll_terms(model, batch, tokens: float | None = None) -> dict[str, torch.Tensor]:
+    """``Σ NLL / tokens`` over the batch's supervised tokens (default: their mean), as ``{"loss", "nll"}``."""
     ids, attention, loss_mask = batch_inputs(model, batch)
     nll, count = token_nll(model(ids, attention_mask=attention).logits, ids, loss_mask)
-    loss = nll / max(count, 1)
+    loss = nll / token_denominator(count, tokens)
     return {"loss": loss, "nll": loss.detach()}
 
 
@@ -78,6 +92,7 @@ def plain_text_item(tokenizer, text: str) -> TrainingItem:
 class PretrainRecipe:
     """Language modelling on ``texts`` with a share ``chat_fraction`` of chat rows per batch."""
 
+    token_normalised = True
     name = "pretrain"
 
     def __init__(self, tokenizer, texts: Sequence[str], chat: Sequence[UtilityExample] = (), *,
@@ -103,13 +118,14 @@ class PretrainRecipe:
             return self.chat.longest()
         return length, f"text {index + 1}"
 
-    def loss_terms(self, model, batch) -> dict[str, torch.Tensor]:
-        return mean_nll_terms(model, batch)
+    def loss_terms(self, model, batch, tokens: float | None = None) -> dict[str, torch.Tensor]:
+        return mean_nll_terms(model, batch, tokens)
 
 
 class SFTRecipe:
     """Supervised fine-tuning: loss on the response and end-of-turn tokens of chat rows."""
 
+    token_normalised = True
     name = "sft"
 
     def __init__(self, tokenizer, rows: Sequence[UtilityExample], *, system: str | None = None):
@@ -126,8 +142,8 @@ class SFTRecipe:
         length, index = longest_row([self.augmenter.utility(row) for row in self.rows])
         return length, f"chat row {index + 1}"
 
-    def loss_terms(self, model, batch) -> dict[str, torch.Tensor]:
-        return mean_nll_terms(model, batch)
+    def loss_terms(self, model, batch, tokens: float | None = None) -> dict[str, torch.Tensor]:
+        return mean_nll_terms(model, batch, tokens)
 
 
 class DARecipe:
@@ -137,6 +153,8 @@ class DARecipe:
     replacement, augmented afresh) and utility examples for the rest. Defaults from both authors'
     released code: ``safety_fraction`` 0.2 (4 safety + 16 utility examples per device), the PRESTO
     penalty averaged over layers (``presto_layer_mean=False`` sums it)."""
+
+    token_normalised = True
 
     def __init__(self, tokenizer, safety: Sequence[SafetyExample], utility: Sequence[UtilityExample], *,
                  safety_fraction: float = 0.2, presto_weight: float = 0.0, augment_probability: float = 0.5,
@@ -173,20 +191,21 @@ class DARecipe:
             return safety[0], f"safety row {safety[1] + 1} (with its longest prefill)"
         return utility[0], f"chat row {utility[1] + 1}"
 
-    def loss_terms(self, model, batch) -> dict[str, torch.Tensor]:
+    def loss_terms(self, model, batch, tokens: float | None = None) -> dict[str, torch.Tensor]:
         ids, attention, loss_mask = batch_inputs(model, batch)
         if self.presto_weight == 0:
-            return mean_nll_terms(model, batch)
-        if getattr(model.config, "_attn_implementation", None) != ATTENTION_NAME:
+            return mean_nll_terms(model, batch, tokens)
+        implementation = getattr(getattr(model, "module", model).config, "_attn_implementation", None)  # DDP wraps
+        if implementation != ATTENTION_NAME:
             raise ValueError(f"presto needs the model loaded with attn_implementation={ATTENTION_NAME!r} "
-                             f"(got {model.config._attn_implementation!r})")
+                             f"(got {implementation!r})")
         prefill = batch["prefill_mask"].to(ids.device)
         with collect_prefill_mass(prefill) as collected:  # the kwarg also reaches checkpointed recomputation
             logits = model(ids, attention_mask=attention, **{PREFILL_KWARG: prefill}).logits
         nll, count = token_nll(logits, ids, loss_mask)
         penalty = presto_penalty(collected.stacked(), presto_query_mask(prefill, attention),
                                  layer_mean=self.presto_layer_mean)
-        denominator = max(count, 1)
+        denominator = token_denominator(count, tokens)
         loss = (nll + self.presto_weight * penalty) / denominator
         return {"loss": loss, "nll": (nll / denominator).detach(), "presto": (penalty / denominator).detach()}
 
@@ -194,6 +213,7 @@ class DARecipe:
 class ConstrainedRecipe:
     """Token-wise constrained fine-tuning on chat rows against a frozen reference model."""
 
+    token_normalised = True
     name = "constrained"
 
     def __init__(self, tokenizer, rows: Sequence[UtilityExample], reference_model, *, cache_reference: bool = True,
@@ -225,7 +245,7 @@ class ConstrainedRecipe:
         length, index = longest_row([self.augmenter.utility(row) for row in self.rows])
         return length, f"chat row {index + 1}"
 
-    def loss_terms(self, model, batch) -> dict[str, torch.Tensor]:
+    def loss_terms(self, model, batch, tokens: float | None = None) -> dict[str, torch.Tensor]:
         ids, attention, loss_mask = batch_inputs(model, batch)
         policy = target_logprobs(model(ids, attention_mask=attention).logits, ids)
         if self.cache is not None:  # left-pad each cached row to the batch length
@@ -235,5 +255,5 @@ class ConstrainedRecipe:
         else:
             reference = target_logprobs(self.reference(ids, attention_mask=attention).logits, ids).detach()
         loss, count = constrained_token_loss(policy, reference, loss_mask)
-        loss = loss / max(count, 1)
+        loss = loss / token_denominator(count, tokens)
         return {"loss": loss, "constrained": loss.detach()}

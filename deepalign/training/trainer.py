@@ -3,8 +3,24 @@
 One process on a CPU; ``accelerate launch`` (with an FSDP or DeepSpeed config) on many GPUs.
 Each optimizer step draws ``grad_accum`` micro-batches of ``batch_size`` items per process from
 the recipe with the trainer's own ``random.Random``, so that the data sequence is a function of
-the seed. (Under several processes the optimizer state in checkpoints is the main process's; exact
-resume is tested on one process.)
+the seed. Under P processes (DDP) every process draws the same P micro-batches in rank order and
+keeps its own, so a run on P processes sees the data of one process with ``grad_accum · P``
+micro-batches per step.
+
+Loss normalisation (``loss_normalisation``), the two authors' conventions:
+
+* ``"micro-batch"`` (Qi et al., Unispac/shallow-vs-deep-alignment, whose trainer takes each
+  micro-batch's mean over its own supervised tokens): the step's gradient is the mean over
+  micro-batches and processes of ``Σ_tokens ℓ / n_micro``.
+* ``"step"`` (Vega & Singh, uiuc-focal-lab/push-forward-alignment, deep_safety_alignment.py:
+  ``scale_factor = num_processes · batches_in_step / total_token_count``, the token count reduced
+  over processes): every term of every micro-batch is divided by ``N``, the supervised tokens of the
+  whole step over all micro-batches and processes, so the gradient is ``Σ_all ℓ / N`` — the same
+  for any split of one global batch into micro-batches and processes.
+
+With one micro-batch on one process the two agree. Logged terms are averaged over processes
+(Σ / N for ``"step"``). Checkpoints hold the main process's optimizer state (identical on every
+process under DDP).
 
 Files in ``output_dir``:
 
@@ -29,7 +45,7 @@ import math
 import random
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -37,7 +53,7 @@ from tqdm.auto import tqdm
 
 from deepalign.errors import InputError, SettingsMismatchError, check_int
 from deepalign.io import JsonlLog, atomic_write_json, read_json, replace_directory
-from deepalign.training.recipes import make_batch
+from deepalign.training.recipes import make_batch, supervised_tokens
 
 STATE_JSON = "trainer_state.json"
 STATE_TORCH = "trainer_state.pt"
@@ -69,6 +85,7 @@ class TrainerConfig:
     lora_rank: int = 0  # > 0: train LoRA adapters (peft) instead of all weights
     lora_alpha: float | None = None  # default 2 · rank
     lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    loss_normalisation: str = "micro-batch"  # or "step" (see the module docstring)
     # What else defines the run (the recipe's options, the data files, the starting model): recorded
     # in every checkpoint and compared on resume, like the fields above.
     run_settings: dict = field(default_factory=dict)
@@ -94,6 +111,9 @@ class TrainerConfig:
         if self.mixed_precision not in ("no", "bf16", "fp16"):
             raise InputError(f"mixed_precision must be 'no', 'bf16' or 'fp16', got {self.mixed_precision!r}")
         check_int("lora_rank", self.lora_rank, minimum=0)
+        if self.loss_normalisation not in LOSS_NORMALISATIONS:
+            raise InputError(f"loss_normalisation must be one of {', '.join(LOSS_NORMALISATIONS)}, "
+                             f"got {self.loss_normalisation!r}")
         training_device(self.device)  # refused now, naming the field, not after the model loads
 
     def defining_settings(self) -> dict:
@@ -102,6 +122,7 @@ class TrainerConfig:
 
 
 SCHEDULERS = ("linear", "constant", "cosine")
+LOSS_NORMALISATIONS = ("micro-batch", "step")
 
 # Fields that may change between a run and its resume: they do not change the trained weights.
 BOOKKEEPING = ("output_dir", "resume", "progress", "checkpoint_every", "gradient_checkpointing", "device")
@@ -133,6 +154,9 @@ class Trainer:
         from accelerate import Accelerator
 
         refuse_unsaveable(model)
+        if config.loss_normalisation == "step" and not getattr(recipe, "token_normalised", False):
+            raise InputError(f"recipe {recipe.name!r} has no per-token loss to normalise over the step; "
+                             "use loss_normalisation 'micro-batch'")
         self.config = config
         self.tokenizer = tokenizer
         self.recipe = recipe
@@ -143,6 +167,9 @@ class Trainer:
         self.output = Path(config.output_dir)
         self.accelerator = Accelerator(mixed_precision=config.mixed_precision,
                                        cpu=config.device == "cpu" or not torch.cuda.is_available())
+        if self.accelerator.num_processes > 1 and getattr(recipe, "single_process", False):
+            raise InputError(f"recipe {recipe.name!r} trains on one process only "
+                             f"({self.accelerator.num_processes} were launched)")
         if self.accelerator.distributed_type.value == "DEEPSPEED" and config.grad_accum > 1:
             # accelerate steps the DeepSpeed engine inside every backward: a loop of micro-batches would step each.
             raise InputError("under DeepSpeed --grad-accum must be 1 (accelerate steps the engine in each backward); "
@@ -195,12 +222,16 @@ class Trainer:
         while self.step < self.config.steps:
             started = time.perf_counter()
             totals: dict[str, float] = {}
-            for _ in range(self.config.grad_accum):
-                batch = make_batch(self._local_items(), self.tokenizer.pad_token_id)
-                terms = self.recipe.loss_terms(self.model, batch)
+            batches = [make_batch(self._local_items(), self.tokenizer.pad_token_id)
+                       for _ in range(self.config.grad_accum)]
+            normaliser = {"tokens": self._tokens_per_micro_batch(batches)} \
+                if self.config.loss_normalisation == "step" else {}
+            for batch in batches:
+                terms = self.recipe.loss_terms(self.model, batch, **normaliser)
                 self.accelerator.backward(terms["loss"] / self.config.grad_accum)
                 for name, value in terms.items():
                     totals[name] = totals.get(name, 0.0) + float(value.detach()) / self.config.grad_accum
+            totals = self._mean_over_processes(totals)
             if self.config.max_grad_norm:
                 self.accelerator.clip_grad_norm_(self.model.parameters(), self.config.max_grad_norm)
             lr = self.scheduler.get_last_lr()[0]
@@ -222,12 +253,33 @@ class Trainer:
         return history
 
     def _local_items(self):
-        """This process's share of one global micro-batch. Every process draws the same global
-        batch from the same data RNG (so the RNG state, and a resume, is the same everywhere) and
-        keeps its own slice; with one process that is the whole batch."""
+        """This process's micro-batch. Every process draws all processes' micro-batches, one
+        ``recipe.sample(rng, batch_size)`` each in rank order, from the same data RNG (so the RNG
+        state, and a resume, is the same everywhere) and keeps its own: each process gets the
+        recipe's mix (e.g. 4 safety + 16 utility examples per device, as both authors), and P
+        processes see the data of one process with P micro-batches per step."""
         size, rank = self.config.batch_size, self.accelerator.process_index
-        items = self.recipe.sample(self.rng, size * self.accelerator.num_processes)
-        return items[rank * size:(rank + 1) * size]
+        batches = [self.recipe.sample(self.rng, size) for _ in range(self.accelerator.num_processes)]
+        return batches[rank]
+
+    def _tokens_per_micro_batch(self, batches: list[dict]) -> float:
+        """``N / (P · A)``: the step's supervised tokens ``N`` over all ``A`` micro-batches and ``P``
+        processes, per micro-batch. A recipe dividing its token sums by this, under the trainer's
+        ``/ A`` and DDP's mean over processes, gives the gradient of ``Σ_all ℓ / N``."""
+        local = sum(supervised_tokens(batch) for batch in batches)
+        total = self.accelerator.reduce(torch.tensor(float(local), device=self.accelerator.device), reduction="sum")
+        if float(total) == 0:
+            raise InputError("a training step without supervised tokens (every loss mask is empty)")
+        return float(total) / (self.accelerator.num_processes * len(batches))
+
+    def _mean_over_processes(self, totals: dict[str, float]) -> dict[str, float]:
+        """The logged terms averaged over processes (every process logs the same numbers)."""
+        if self.accelerator.num_processes == 1:
+            return totals
+        names = list(totals)  # the recipe's order, the same on every process
+        values = torch.tensor([totals[name] for name in names], dtype=torch.float64, device=self.accelerator.device)
+        reduced = self.accelerator.reduce(values, reduction="mean")
+        return {name: float(value) for name, value in zip(names, reduced.tolist())}
 
     def _write_pretrained(self, model, folder: Path) -> None:
         """``save_pretrained`` with the full state dict gathered from every process (FSDP), written
@@ -243,12 +295,28 @@ class Trainer:
         """Write the model and tokenizer as a Hugging Face folder, atomically (LoRA adapters are
         merged into the weights; the run is over)."""
         tmp = folder.with_name(f".{folder.name}.tmp")
-        with _removed_on_error(tmp):
+        with self._staging(tmp):
             model = self.accelerator.unwrap_model(self.model)
             if self.config.lora_rank:
                 model = model.merge_and_unload()
             self._write_pretrained(model, tmp)
             return self._publish(tmp, folder)
+
+    @contextlib.contextmanager
+    def _staging(self, tmp: Path):
+        """A temporary folder, emptied first and removed if the block fails (an interrupt
+        included), by the main process only (the one that writes into it), and emptied before any
+        process goes on."""
+        main = self.accelerator.is_main_process
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
+        try:
+            yield
+        except BaseException:
+            if main:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
 
     def _publish(self, tmp: Path, folder: Path) -> Path:
         self.accelerator.wait_for_everyone()
@@ -260,7 +328,7 @@ class Trainer:
     def save_checkpoint(self) -> Path:
         folder = self.output / f"checkpoint-{self.step}"
         tmp = folder.with_name(f".{folder.name}.tmp")
-        with _removed_on_error(tmp):
+        with self._staging(tmp):
             self._write_pretrained(self.accelerator.unwrap_model(self.model), tmp)
             if self.accelerator.is_main_process:
                 rng = {"torch_rng": torch.get_rng_state()}
@@ -281,8 +349,10 @@ class Trainer:
         from safetensors.torch import load_file
 
         state = read_json(checkpoint / STATE_JSON, what="trainer state")
-        recorded = _flat({"recipe": state.get("recipe"),
-                          **{k: v for k, v in (state.get("config") or {}).items() if k not in BOOKKEEPING}})
+        # A field added since the checkpoint was written reads as its default (the behaviour it had).
+        defaults = {f.name: f.default for f in fields(TrainerConfig) if f.default is not MISSING}
+        saved = json.loads(json.dumps({**defaults, **(state.get("config") or {})}))
+        recorded = _flat({"recipe": state.get("recipe"), **{k: v for k, v in saved.items() if k not in BOOKKEEPING}})
         wanted = _flat(json.loads(json.dumps({"recipe": self.recipe.name, **self.config.defining_settings()})))
         changes = [f"{name}: {recorded.get(name, '(unset)')!r} → {wanted.get(name, '(unset)')!r}"
                    for name in sorted(set(recorded) | set(wanted)) if recorded.get(name) != wanted.get(name)]
@@ -375,15 +445,6 @@ def _with_lora(model, config: TrainerConfig):
     return get_peft_model(model, lora)
 
 
-@contextlib.contextmanager
-def _removed_on_error(tmp: Path):
-    """A temporary folder, emptied first and removed if the block fails (an interrupt included)."""
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        yield
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def latest_checkpoint(output_dir: str | Path) -> Path | None:

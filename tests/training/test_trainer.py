@@ -50,11 +50,11 @@ class InterruptAfter:
     def longest(self):
         return self.recipe.longest()
 
-    def loss_terms(self, model, batch):
+    def loss_terms(self, model, batch, **normaliser):
         self.calls -= 1
         if self.calls < 0:
             raise Interrupt
-        return self.recipe.loss_terms(model, batch)
+        return self.recipe.loss_terms(model, batch, **normaliser)
 
 
 def test_resume_reproduces_the_loss_sequence(world, tokenizer, tmp_path):
