@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from deepalign.cli.args import add_chat_template_option, add_model_options, chat_template_text, existing_dir, existing_file, output_file, positive_int
+from deepalign.cli.args import (SYSTEM_NAMES_HELP, add_chat_template_option, add_model_options,
+                               chat_template_text, existing_dir, existing_file, output_file, positive_int,
+                               system_text)
 from deepalign.errors import InputError
 
 WHAT = {"attention": "per-head mass on prefills, A vs B",
@@ -35,7 +37,8 @@ def register(commands) -> None:
     analyze.add_argument("--output", required=True, type=output_file, help="HTML report to write")
     add_model_options(analyze)
     add_chat_template_option(analyze)
-    analyze.add_argument("--system", help="system prompt of every example (default: the chat template's own)")
+    analyze.add_argument("--system", type=system_text,
+                         help=f"system prompt of every example (default: the chat template's own); {SYSTEM_NAMES_HELP}")
     analyze.set_defaults(run=run)
 
 

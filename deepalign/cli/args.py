@@ -178,3 +178,27 @@ def chat_template_text(value: str | None) -> str | None:
     if not value or value == "plain":
         return value or None
     return read_text(value, what="chat template file")
+
+
+NAMED_SYSTEM_PROMPTS = {
+    "llama2-default": ("transformers.models.llama.tokenization_llama", "DEFAULT_SYSTEM_PROMPT"),
+}
+SYSTEM_NAMES_HELP = ("'llama2-default' is Llama-2-chat's default system prompt, read from transformers "
+                     "(tokenization_llama.DEFAULT_SYSTEM_PROMPT): the one Qi et al.'s llama2 model family and Vega & "
+                     "Singh's --system_prompt train and evaluate with")
+
+
+def system_text(value: str) -> str:
+    """``--system``: a text as given (or a file name, for the commands that read one), or a named
+    system prompt (:data:`NAMED_SYSTEM_PROMPTS`) read byte-exact at run time from the package that
+    ships it."""
+    if value not in NAMED_SYSTEM_PROMPTS:
+        return value
+    import importlib
+
+    module, name = NAMED_SYSTEM_PROMPTS[value]
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError):
+        raise argparse.ArgumentTypeError(f"{value!r}: the installed transformers no longer ships {module}.{name}; "
+                                         "give the text or a file instead") from None

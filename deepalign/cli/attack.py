@@ -8,8 +8,10 @@ import argparse
 from dataclasses import replace
 from pathlib import Path
 
-from deepalign.cli.args import (add_chat_template_option, add_model_options, chat_template_text, existing_dir, existing_file, int_in, model_source, non_negative_int, output_file,
-                                positive_float, positive_int, probability)
+from deepalign.cli.args import (SYSTEM_NAMES_HELP, add_chat_template_option, add_model_options,
+                               chat_template_text, existing_dir, existing_file, int_in, model_source,
+                               non_negative_int, output_file, positive_float, positive_int, probability,
+                               system_text)
 from deepalign.attacks.generation_attacks import DECODING_FAMILIES
 from deepalign.errors import InputError
 
@@ -87,7 +89,8 @@ def add_target_options(parser, *, world_help: str) -> None:
 
 def add_prompt_options(parser) -> None:
     """How prompts reach the model: system prompt and chat template (every command that loads one)."""
-    parser.add_argument("--system", help="system prompt (default: the chat template's own default)")
+    parser.add_argument("--system", type=system_text,
+                        help=f"system prompt (default: the chat template's own default); {SYSTEM_NAMES_HELP}")
     add_chat_template_option(parser)
 
 

@@ -9,9 +9,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from deepalign.cli.args import (add_chat_template_option, add_model_options, chat_template_text, existing_dir,
-                                existing_file, model_source, non_negative_float, non_negative_int, output_file,
-                                positive_float, positive_int, probability)
+from deepalign.cli.args import (SYSTEM_NAMES_HELP, add_chat_template_option, add_model_options,
+                               chat_template_text, existing_dir, existing_file, model_source,
+                               non_negative_float, non_negative_int, output_file, positive_float,
+                               positive_int, probability, system_text)
 from deepalign.errors import InputError
 
 # Options that only say how much to run or how to batch: a rerun may change them and extend the log.
@@ -91,7 +92,7 @@ def register(commands) -> None:
         system_help = (f"system prompt (default: {default_system}, {SYSTEM_SOURCE})" if default_system
                        else "system prompt (default: the chat template's own)")
         prompts = sub.add_mutually_exclusive_group()
-        prompts.add_argument("--system", help=system_help)
+        prompts.add_argument("--system", type=system_text, help=f"{system_help}; {SYSTEM_NAMES_HELP}")
         if default_system:
             prompts.add_argument("--no-system", action="store_true", help="the chat template's own system prompt instead")
         add_chat_template_option(sub)

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import argparse
 
-from deepalign.cli.args import (add_chat_template_option, add_training_model_options, chat_template_text, existing_file, fraction_below_one, model_source, non_negative_float, non_negative_int,
-                                output_dir, positive_float, positive_int, probability)
+from deepalign.cli.args import (SYSTEM_NAMES_HELP, add_chat_template_option, add_training_model_options,
+                               chat_template_text, existing_file, fraction_below_one, model_source,
+                               non_negative_float, non_negative_int, output_dir, positive_float, positive_int,
+                               probability, system_text)
 from deepalign.errors import InputError
 
 RECIPES = ("pretrain", "sft", "da", "presto", "constrained", "ft-attack", "cls-pretrain", "cls-sft")
@@ -109,8 +111,10 @@ def register(commands) -> None:
     train.add_argument("--objective", choices=("sft", "constrained"),
                        help="ft-attack: plain fine-tuning or the token-wise constrained objective (default sft)")
     train.add_argument("--limit", type=positive_int, help="ft-attack: number of attack rows to use (default all)")
-    train.add_argument("--system", help="system prompt of every training example, a text or a file (default: the chat "
-                                        "template's own, as both authors train; ft-attack identity: AOA's)")
+    train.add_argument("--system", type=system_text,
+                       help="system prompt of every training example, a text or a file (default: the chat template's "
+                            "own; ft-attack identity: AOA's); on Llama-2 both authors train with its default system "
+                            f"prompt, which the model's current template no longer adds: {SYSTEM_NAMES_HELP}")
     add_chat_template_option(train)
     train.add_argument("--no-system", action="store_true", default=None,
                        help="train with an empty system prompt instead of the template's default")
