@@ -167,6 +167,7 @@ class Trainer:
         self.output = Path(config.output_dir)
         self.accelerator = Accelerator(mixed_precision=config.mixed_precision,
                                        cpu=config.device == "cpu" or not torch.cuda.is_available())
+        refuse_ignored_engine(self.accelerator)
         if self.accelerator.num_processes > 1 and getattr(recipe, "single_process", False):
             raise InputError(f"recipe {recipe.name!r} trains on one process only "
                              f"({self.accelerator.num_processes} were launched)")
@@ -408,6 +409,23 @@ def is_checkpointing(model) -> bool:
     if hasattr(model, "is_activation_checkpointing"):
         return bool(model.is_activation_checkpointing)
     return bool(model.is_gradient_checkpointing)
+
+
+def refuse_ignored_engine(accelerator) -> None:
+    """Refuse an FSDP or DeepSpeed launch that accelerate quietly runs as something else: it turns
+    FSDP on only over GPU-like devices (accelerate's ``AcceleratorState`` switches to FSDP from a
+    multi-GPU type, never from ``MULTI_CPU``) and DeepSpeed only off the CPU, so on a CPU both would
+    train as plain DDP (or as separate single processes) under a config that promises sharding."""
+    import os
+
+    wanted = [name for name, variable in (("FSDP", "ACCELERATE_USE_FSDP"), ("DEEPSPEED", "ACCELERATE_USE_DEEPSPEED"))
+              if os.environ.get(variable, "false").lower() == "true"]
+    got = accelerator.distributed_type.value
+    for name in wanted:
+        if got != name:
+            raise InputError(f"the launch asks for {name} but accelerate runs this as {got} (accelerate enables "
+                             f"{name} only on GPUs); on a CPU launch plain DDP: accelerate launch --multi_gpu "
+                             "--num_processes N (see docs/multi_gpu.md)")
 
 
 def refuse_unsaveable(model) -> None:

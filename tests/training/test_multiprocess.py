@@ -93,3 +93,12 @@ def test_an_interrupted_two_process_run_resumes_exactly(two_process_step, tmp_pa
     assert [row["step"] for row in losses(output)] == [1, 2, 3]  # step 3 is trained again on resume
     launch_two(output, "--batch-size", "2", "--normalisation", "step")
     assert_same_run(two_process_step, output)
+
+
+def test_an_fsdp_launch_that_accelerate_would_run_as_ddp_on_the_cpu_is_refused(tmp_path, monkeypatch):
+    """accelerate turns FSDP on only over GPUs: on a CPU an FSDP config would quietly train unsharded."""
+    from deepalign.errors import InputError
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(InputError, match="the launch asks for FSDP but accelerate runs this as NO"):
+        run(str(tmp_path / "fsdp"), batch_size=2, normalisation="step", steps=1)
