@@ -28,8 +28,9 @@ def register(commands) -> None:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    from deepalign.experiments.demo import (DemoSettings, default_output, demo_job, format_table, run_demo,
-                                            write_demo_report)
+    from deepalign.experiments.demo import (DemoSettings, default_output, demo_job, format_table,
+                                            gcg_against_no_attack, run_demo, write_demo_report)
+    from deepalign.io import JsonlLog
 
     seeds = args.seeds if args.seeds else ([0] if args.quick else [0, 1, 2])
     output = args.output or default_output(args.quick)
@@ -38,6 +39,8 @@ def run_demo(args: argparse.Namespace) -> int:
     job = demo_job(settings)
     rows = run_demo(output, settings, job=job)
     print(format_table(rows, quick=args.quick))
+    for line in gcg_against_no_attack(JsonlLog(f"{output}/results.jsonl").records(), seeds):
+        print(line)
     report = write_demo_report(output, rows, seeds[0], quick=args.quick, seeds=seeds, job=job)
     print(f"({time.perf_counter() - start:.0f} s, seeds {seeds}) results: {output}/results.jsonl  report: {report}")
     return 0
