@@ -59,11 +59,12 @@ def format_table(rows: list[dict], by: Sequence[str], metric: str) -> str:
     """Plain-text table of :func:`summarize` rows: ``by`` columns, then ``mean ± std``, runs and
     items (and unparsed judge answers, when there are any)."""
     extra = [name for name in ("unparsed", "copyright") if any(row.get(name) for row in rows)]
-    header = (" ".join(f"{field:>14}" for field in by) + f" {metric + ' (mean ± std)':>26} {'runs':>5} {'items':>6}"
-              + "".join(f" {name:>9}" for name in extra))
+    widths = {field: max([14, len(field)] + [len(str(row[field])) for row in rows]) for field in by}
+    header = (" ".join(f"{field:>{widths[field]}}" for field in by)
+              + f" {metric + ' (mean ± std)':>26} {'runs':>5} {'items':>6}" + "".join(f" {name:>9}" for name in extra))
     lines = [header, "-" * len(header)]
     for row in rows:
-        lines.append(" ".join(f"{str(row[field]):>14}" for field in by)
+        lines.append(" ".join(f"{str(row[field]):>{widths[field]}}" for field in by)
                      + f" {row[metric + '_mean']:>17.3f} ± {row[metric + '_std']:<6.3f} {row['runs']:>5} {row['items']:>6}"
                      + "".join(f" {row.get(name, 0):>9}" for name in extra))
     return "\n".join(lines)
