@@ -118,7 +118,7 @@ METRIC_MEANINGS = (
                 "(the default is 100 steps); cls: n/a"),
     (OVER_REFUSAL, "share of the world's over-refusal set's safe prompts (benign requests that share words with "
                    "harmful ones, {per_item} per benign item) that the model refuses, greedy, {tokens} tokens: LOWER is better "
-                   "(the cost of a defense), unlike every other column"),
+                   "(refusing benign requests is a defense's cost); the attack columns are the attacker's success"),
     ("n/a", CLS_NA),
     ("± x", "the sample standard deviation over the seeds (0 with one seed)"),
     (CLS_ACCURACY, "share of held-out requests (phrasings kept out of [CLS] training) whose first [CLS] "
