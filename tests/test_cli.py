@@ -117,6 +117,30 @@ def test_attacks_from_the_command_line_on_the_world(tmp_path, capsys):
     assert len((tmp_path / "r.jsonl").read_text().splitlines()) == 4
 
 
+def test_the_generation_budget_fits_the_model_s_context(tmp_path, capsys):
+    """Without --max-new-tokens the papers' budget (512 for prefilling) is capped to what the world
+    model's 256-position context leaves after the longest prompt with its prefill; a given budget
+    that cannot fit is refused naming the flag, before anything is generated."""
+    import json
+
+    from deepalign.data.synthetic import SyntheticWorld
+    from deepalign.models.chat import render_chat
+
+    assert main(["world", "--output", str(tmp_path / "w")]) == 0
+    world = SyntheticWorld.load(tmp_path / "w")
+    tokenizer = world.tokenizer()
+    prompts = [render_chat(tokenizer, world.request(item, 0), close_turn=False) for item in world.harmful_items()]
+    common = ["--model", str(tmp_path / "w" / "model"), "--world", str(tmp_path / "w"), "--limit", "1"]
+    assert main(["attack", "prefill", *common, "--lengths", "0", "--output", str(tmp_path / "p.jsonl")]) == 0
+    budget = json.loads((tmp_path / "p.jsonl.settings.json").read_text())["max_new_tokens"]
+    assert budget == 256 - len(prompts[0])
+    assert f"--max-new-tokens {budget}: the papers' 512 capped by the model's context of 256" in capsys.readouterr().out
+    refused(capsys, ["attack", "prefill", *common, "--lengths", "0", "--max-new-tokens", str(budget + 1),
+                     "--output", str(tmp_path / "q.jsonl")],
+            f"--max-new-tokens {budget + 1}: the longest prompt with its prefill has {len(prompts[0])} tokens")
+    assert not (tmp_path / "q.jsonl").exists()
+
+
 @pytest.mark.parametrize("extra, message", [
     (["prefill", "--lengths", "-3"], "argument --lengths: must be an integer ≥ 0, got '-3'"),
     (["prefill", "--limit", "-1"], "argument --limit: must be a positive integer"),

@@ -37,8 +37,10 @@ def register(commands) -> None:
         sub.add_argument("--tau", type=int_in(1, 3), default=2,
                          help="cls defense: malicious verdicts confirming a switch (1-3)")
         sub.add_argument("--lead-in", help="cls defense: refusal lead-in (default: the paper's, or the world's)")
-        sub.add_argument("--max-new-tokens", type=positive_int, default=MAX_NEW_TOKENS[kind],
-                         help=f"tokens to generate after the prompt and prefill (default {MAX_NEW_TOKENS[kind]})")
+        sub.add_argument("--max-new-tokens", type=positive_int,
+                         help=f"tokens to generate after the prompt and prefill (default {MAX_NEW_TOKENS[kind]}, the "
+                              "papers' budget, capped so that the longest prompt with its prefill fits the model's "
+                              "context)")
         add_prompt_options(sub)
         add_model_options(sub)
         sub.set_defaults(run=run)
@@ -104,6 +106,50 @@ def apply_prompt_options(args: argparse.Namespace, tokenizer) -> None:
         template_parts(tokenizer, "x", args.system)
     except ValueError as error:
         raise InputError(f"{args.model}: {error}; for a base model give --chat-template plain") from None
+
+
+def generation_budget(args: argparse.Namespace, targets, tokenizer) -> int:
+    """``--max-new-tokens``, or the papers' budget for this attack capped by the model's context:
+    ``min(default, context − longest prompt with its prefill)``, saying so when it caps. A given
+    budget that cannot fit is refused naming the flag."""
+    from transformers import AutoConfig
+
+    from deepalign.attacks.generation_attacks import harmful_prefix
+    from deepalign.models.chat import encode_text, render_chat
+    from deepalign.models.loading import resolve_source
+
+    folder, gguf = resolve_source(args.model)
+    context = getattr(AutoConfig.from_pretrained(folder, gguf_file=gguf, local_files_only=True),
+                      "max_position_embeddings", None)
+    if context is None:
+        return args.max_new_tokens or MAX_NEW_TOKENS[args.kind]
+    text = getattr(args, "prefill", None)
+
+    def prefill_tokens(target) -> int:
+        if text is not None or target.prefill:
+            return len(encode_text(tokenizer, text if text is not None else target.prefill))
+        if args.kind == "prefill" and target.harmful_response:
+            return len(harmful_prefix(tokenizer, target.harmful_response, max(args.lengths)))
+        if args.kind == "rap" and target.harmful_response:
+            return len(harmful_prefix(tokenizer, target.harmful_response, args.prefill_tokens))
+        return 0
+
+    longest = max(len(render_chat(tokenizer, t.prompt, close_turn=False, system=args.system)) + prefill_tokens(t)
+                  for t in targets) + (1 if args.defense == "cls" else 0)  # the [CLS] position
+    room = context - longest
+    if args.max_new_tokens is not None:
+        if args.max_new_tokens > room:
+            raise InputError(f"--max-new-tokens {args.max_new_tokens}: the longest prompt with its prefill has "
+                             f"{longest} tokens and the model's context is {context}; give at most {max(room, 0)}")
+        return args.max_new_tokens
+    if room < 1:
+        raise InputError(f"the longest prompt with its prefill has {longest} tokens, the whole of the model's context "
+                         f"of {context}: nothing can be generated")
+    budget = min(MAX_NEW_TOKENS[args.kind], room)
+    if budget < MAX_NEW_TOKENS[args.kind]:
+        print(f"--max-new-tokens {budget}: the papers' {MAX_NEW_TOKENS[args.kind]} capped by the model's context of "
+              f"{context} (longest prompt with its prefill: {longest} tokens)")
+    return budget
 
 
 def settings_of(args: argparse.Namespace) -> dict:
@@ -184,7 +230,9 @@ def run(args: argparse.Namespace) -> int:
             prefill_source(target, prefill_text)
     if args.kind == "rap" and prefill_text is not None:
         targets = [replace(t, prefill=prefill_text) for t in targets]
-    apply_prompt_options(args, _tokenizer_of(args.model))
+    prompt_tokenizer = _tokenizer_of(args.model)
+    apply_prompt_options(args, prompt_tokenizer)
+    args.max_new_tokens = generation_budget(args, targets, prompt_tokenizer)
     tags = {"source": Path(args.targets).name if args.targets else "world", "model": str(args.model)}
     judge = choose_judge(args.judge or ("synthetic" if world else "keyword"), world, keywords=args.keywords)
     config = None
