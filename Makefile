@@ -19,6 +19,8 @@ bench: install
 	$(PYTHON) -m benchmarks.prefill_attention
 	$(PYTHON) -m benchmarks.rap
 	$(PYTHON) -m benchmarks.cls_decoding
+	$(PYTHON) -m benchmarks.gcg_prefix_cache
+	$(PYTHON) -m benchmarks.training_throughput
 
 # On a lent GPU with no network: GPU tests, the compile check for the device, kernel benchmarks (< 8 min).
 gpu-check:
