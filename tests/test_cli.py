@@ -258,8 +258,13 @@ def test_autorap_from_the_command_line(tmp_path, capsys):
 def test_cls_training_and_defended_attacks_from_the_command_line(tmp_path, capsys):
     world = tmp_path / "w"
     assert main(["world", "--output", str(world)]) == 0
-    (tmp_path / "benign.txt").write_text("to make bread : heat oil .\n")
-    (tmp_path / "malicious.txt").write_text("to make bomb : heat oil .\n")
+    from deepalign.data.synthetic import SyntheticWorld
+
+    built = SyntheticWorld.load(world)  # the world writes cls-pretrain's two text files, split by harmfulness
+    for name, items in (("benign_texts.txt", built.benign_items()), ("malicious_texts.txt", built.harmful_items())):
+        assert (world / name).read_text().splitlines() == [built.knowledge_text(item) for item in items]
+    (tmp_path / "benign.txt").write_bytes((world / "benign_texts.txt").read_bytes())
+    (tmp_path / "malicious.txt").write_bytes((world / "malicious_texts.txt").read_bytes())
     args = ["--steps", "2", "--batch-size", "4", "--lr", "1e-3", "--safety", str(world / "safety.jsonl"),
             "--chat", str(world / "utility.jsonl")]
     assert main(["train", "--recipe", "cls-pretrain", "--model", str(world / "model"), "--output",

@@ -66,7 +66,9 @@ def cls_rows(world: SyntheticWorld, held_out: tuple[int, ...] = CLS_HELD_OUT_PHR
 
 def write_world(output: str | Path, *, seed: int = 0, model_family: str = "llama") -> dict[str, Path]:
     """Write ``world.json``, ``model/`` (random init with the tokenizer), ``knowledge.txt`` (the
-    plain knowledge stream, one text per line) and one JSON-lines file per entry of
+    plain knowledge stream, one text per line), ``benign_texts.txt`` and ``malicious_texts.txt``
+    (the same texts of benign and of harmful items: ``--texts`` and ``--malicious-texts`` of
+    ``train --recipe cls-pretrain``) and one JSON-lines file per entry of
     :func:`world_rows`. Returns the written paths by name."""
     from deepalign.models.loading import tiny_random_model
 
@@ -86,4 +88,8 @@ def write_world(output: str | Path, *, seed: int = 0, model_family: str = "llama
     knowledge = output / "knowledge.txt"
     atomic_write_text(knowledge, "".join(world.knowledge_text(item) + "\n" for item in world.items.values()))
     paths["knowledge"] = knowledge
+    for name, harmful in (("benign_texts", False), ("malicious_texts", True)):  # cls-pretrain's --texts files
+        paths[name] = output / f"{name}.txt"
+        atomic_write_text(paths[name], "".join(world.knowledge_text(item) + "\n" for item in world.items.values()
+                                               if item.harmful == harmful))
     return paths
