@@ -27,7 +27,7 @@ class InterruptAfter:
 
     def __init__(self, recipe, calls: int):
         self.recipe, self.calls, self.name = recipe, calls, recipe.name
-        self.token_normalised = recipe.token_normalised
+        self.token_normalised = getattr(recipe, "token_normalised", False)
 
     def sample(self, rng, batch_size):
         return self.recipe.sample(rng, batch_size)

@@ -13,6 +13,8 @@ from deepalign.data.rows import read_rows, write_rows
 from deepalign.errors import FileFormatError, InputError, SettingsMismatchError
 from deepalign.training.recipes import ConstrainedRecipe, DARecipe, SFTRecipe
 from deepalign.training.trainer import Trainer, TrainerConfig, latest_checkpoint
+from tests.training.multiprocess_driver import InterruptAfter
+from tests.training.multiprocess_driver import Interrupted as Interrupt
 
 
 def safety_rows(world):
@@ -32,29 +34,6 @@ def config(tmp_path, **overrides):
     values = dict(output_dir=str(tmp_path), steps=6, batch_size=4, lr=1e-3, checkpoint_every=3, progress=False)
     values.update(overrides)
     return TrainerConfig(**values)
-
-
-class Interrupt(Exception):
-    pass
-
-
-class InterruptAfter:
-    """Wraps a recipe and raises after ``calls`` loss computations (an interrupted run)."""
-
-    def __init__(self, recipe, calls):
-        self.recipe, self.calls, self.name = recipe, calls, recipe.name
-
-    def sample(self, rng, batch_size):
-        return self.recipe.sample(rng, batch_size)
-
-    def longest(self):
-        return self.recipe.longest()
-
-    def loss_terms(self, model, batch, **normaliser):
-        self.calls -= 1
-        if self.calls < 0:
-            raise Interrupt
-        return self.recipe.loss_terms(model, batch, **normaliser)
 
 
 def test_resume_reproduces_the_loss_sequence(world, tokenizer, tmp_path):
