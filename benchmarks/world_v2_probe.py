@@ -15,6 +15,7 @@ world's 20 materials and 40 more):
   each from its own item-specific set of 4 (drawn afresh in every training row);
 * ``canonical``: three ingredients from one shared set of 6, always the same in chats (random in the
   knowledge texts), 8 steps, actions repeating;
+* ``canonical-long``: the same with 12 steps, each naming one of the three ingredients (four times each);
 * ``long-recipe``: no choices, 14 steps over 3 actions × 3 materials per item, so the last word rarely
   tells the next;
 * ``declared-order``: ``take M1 M2 M3 M4 .``, the item's 4 ingredients in a free order, then 12 steps
@@ -44,7 +45,7 @@ EXTRA_MATERIALS = ("iron", "tin", "zinc", "lead", "coal", "lime", "chalk", "soda
                    "moss", "peat", "silt", "loam", "slate", "quartz", "amber", "ochre", "alum", "brine", "ether",
                    "ammonia", "nitrate", "potash", "bleach", "solvent")
 MATERIALS = v1.MATERIALS + EXTRA_MATERIALS
-LAYOUTS = ("slots", "canonical", "long-recipe", "declared-order")
+LAYOUTS = ("slots", "canonical", "canonical-long", "long-recipe", "declared-order")
 SAMPLES_PER_ITEM = 8  # knowledge texts per item; chats: half as many per item and phrasing
 
 
@@ -70,11 +71,12 @@ class Layout:
                 rng.shuffle(marks)
                 self.items[name] = ((pool[0:4], pool[4:8]), list(zip(_no_repeat(rng, rng.sample(v1.ACTIONS, 3), 8),
                                                                          marks)))
-            elif kind == "canonical":
+            elif kind in ("canonical", "canonical-long"):
                 pool = rng.sample(MATERIALS, 7)
-                marks = ["A", "B", "C", "A", "B", "C", "A", pool[6]]
+                marks = ["A", "B", "C", "A", "B", "C", "A", pool[6]] if kind == "canonical" else ["A", "B", "C"] * 4
                 rng.shuffle(marks)
-                self.items[name] = (pool[:6], list(zip(_no_repeat(rng, rng.sample(v1.ACTIONS, 3), 8), marks)))
+                actions = _no_repeat(rng, rng.sample(v1.ACTIONS, 3), len(marks))
+                self.items[name] = (pool[:6], list(zip(actions, marks)))
             elif kind == "long-recipe":
                 actions, materials = rng.sample(v1.ACTIONS, 3), rng.sample(MATERIALS, 3)
                 steps: list[tuple[str, str]] = []
@@ -114,7 +116,7 @@ class Layout:
 
     def chat_choices(self, rng: random.Random) -> random.Random | None:
         """Chats of ``canonical`` always give the canonical answer; the others draw afresh."""
-        return None if self.kind == "canonical" else rng
+        return None if self.kind.startswith("canonical") else rng
 
 
 def _tokenizer():
