@@ -6,7 +6,11 @@ file: nothing of the 2³¹-element view is allocated)."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,6 +24,8 @@ from deepalign.kernels.ranking_triton import topk_rank_triton
 from tests.helpers import DEVICE
 from tests.kernels.test_attention import check_accuracy, make_case
 from tests.kernels.test_ranking import assert_matches, make_logits
+
+REPOSITORY = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.skipif(not interpreter_enabled() and DEVICE.type != "cuda",
                                 reason="needs the Triton interpreter or a GPU")
@@ -130,11 +136,10 @@ def _sparse_tensor(path, elements: int, dtype: torch.dtype) -> torch.Tensor:
     return torch.from_file(str(path), shared=True, size=elements, dtype=dtype)
 
 
-@pytest.mark.skipif(DEVICE.type == "cuda", reason="a stride-only launch over host memory (interpreter)")
-def test_topk_rows_past_two_to_the_31(tmp_path):
+def check_topk_rows_past_two_to_the_31(folder: Path) -> None:
     """Row 1 starts at element 2³¹ + 64: its offset wraps to row 0's neighbourhood in 32 bits."""
     vocab, stride = 300, 2**31 + 64
-    storage = _sparse_tensor(tmp_path / "logits", stride + vocab, torch.float32)
+    storage = _sparse_tensor(folder / "logits", stride + vocab, torch.float32)
     logits = storage.as_strided((2, vocab), (stride, 1))
     rows = make_logits(50, 2, vocab, torch.float32, "none", 0.0)
     logits.copy_(rows)
@@ -143,16 +148,15 @@ def test_topk_rows_past_two_to_the_31(tmp_path):
     assert_matches(result, rows, 4, targets)
 
 
-@pytest.mark.skipif(DEVICE.type == "cuda", reason="a stride-only launch over host memory (interpreter)")
-def test_attention_token_strides_past_two_to_the_31(tmp_path, monkeypatch):
+def check_attention_token_strides_past_two_to_the_31(folder: Path) -> None:
     """q/k/v tokens 2²⁸ elements apart, so that token · stride passes 2³¹ inside one tile: the
     row offsets must be formed in 64 bits (32-bit products wrap and read other tokens)."""
-    monkeypatch.setattr(attention_triton, "POISON_OUTPUTS", False)
+    attention_triton.POISON_OUTPUTS = False
     dim, length, token_stride = 16, 9, 2**28
     reference = make_case(24, 1, 1, 1, length, length, dim, torch.float32, "span")
     views = []
     for name, t in zip("qkv", reference[:3]):
-        storage = _sparse_tensor(tmp_path / name, token_stride * (length - 1) + dim, torch.float32)
+        storage = _sparse_tensor(folder / name, token_stride * (length - 1) + dim, torch.float32)
         view = storage.as_strided((1, 1, length, dim), (0, 0, token_stride, 1))
         view.copy_(t.detach())
         views.append(view.requires_grad_())
@@ -160,6 +164,25 @@ def test_attention_token_strides_past_two_to_the_31(tmp_path, monkeypatch):
     expected, expected_mass = prefill_attention(*(t.detach() for t in reference[:3]), reference[3], backend="torch")
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(mass, expected_mass, atol=1e-6, rtol=1e-5)
+
+
+def run_in_own_process(check: str, folder: Path) -> None:
+    """Run ``check`` (a function of this module) in a fresh interpreter-mode process: a wrong
+    64-bit offset reads far outside the mapped file, and the segfault it may cause must fail this
+    test, not end the test session."""
+    code = ("import sys; from pathlib import Path; from tests.kernels import test_gpu_paths as t; "
+            f"t.{check}(Path(sys.argv[1]))")
+    result = subprocess.run([sys.executable, "-c", code, str(folder)], cwd=REPOSITORY, capture_output=True,
+                            text=True, timeout=600, env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert result.returncode == 0, (f"{check} exited with status {result.returncode} (negative: killed by that "
+                                    f"signal)\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+
+
+@pytest.mark.skipif(DEVICE.type == "cuda", reason="a stride-only launch over host memory (interpreter)")
+@pytest.mark.parametrize("check", ["check_topk_rows_past_two_to_the_31",
+                                   "check_attention_token_strides_past_two_to_the_31"])
+def test_offsets_past_two_to_the_31(check, tmp_path):
+    run_in_own_process(check, tmp_path)
 
 
 @pytest.mark.gpu
