@@ -3,6 +3,7 @@
     python -m benchmarks.compile_check                 # sm_80 + sm_90, every tile, 4 mask-flag sets
     python -m benchmarks.compile_check --level ci      # the CI subset (tests/kernels/test_compile_check.py)
     python -m benchmarks.compile_check --level full    # every flag combination and fp32-IEEE (long)
+    python -m benchmarks.compile_check --kernels attention --dtype float32-ieee   # one dtype's variants
     python -m benchmarks.compile_check --device        # for the GPU of this machine (scripts/gpu_check.sh)
 
 Each variant is compiled ahead of time with Triton's own compiler (``triton.compile`` of an
@@ -13,7 +14,8 @@ wheel. Per variant it reports registers, spill stores / loads (ptxas' own log), 
 architecture's per-block limit (sm_80 163 KiB, sm_90 227 KiB); tensor-core instructions in every
 attention kernel. Exit status 1 when any check fails.
 
-Variants come from the wrappers' own tables (``attention_triton.GPU_TILES``, the top-k block
+Variants come from the wrappers' own tables (``attention_triton.GPU_TILES`` / ``GPU_TILES_TF32`` /
+``GPU_TILES_IEEE``, the top-k block
 choice), so a tile added there is checked here. Attention: kernels fwd / dkdv / dq, head-dim blocks
 16–256, float16 / bfloat16 / float32 (TF32), mask-flag sets. Top-k: the partial and merge kernels
 over k, vocabulary blocks, target tiles and candidate-block counts.
@@ -56,7 +58,9 @@ ATTENTION_FLAGS = ("CAUSAL", "HAS_PAD", "HAS_WINDOW", "HAS_SOFTCAP")
 # Flag sets the default level checks: plain causal, non-causal, Gemma-2 style (everything), and a
 # padded, capped bidirectional encoder. `full` checks all 12 valid combinations (window needs causal).
 DEFAULT_FLAG_SETS = (("CAUSAL",), (), ("CAUSAL", "HAS_PAD", "HAS_WINDOW", "HAS_SOFTCAP"), ("HAS_PAD", "HAS_SOFTCAP"))
-CI_FLAG_SETS = (("CAUSAL", "HAS_PAD", "HAS_WINDOW", "HAS_SOFTCAP"),)
+# CI: everything on (one masked loop, the most live values) and plain causal (the three-run loop
+# whose middle run skips the mask).
+CI_FLAG_SETS = (("CAUSAL", "HAS_PAD", "HAS_WINDOW", "HAS_SOFTCAP"), ("CAUSAL",))
 DTYPES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
 
 
@@ -70,21 +74,24 @@ def _all_flag_sets():
 
 # ----------------------------------------------------------------------------- variants
 
-def attention_variants(level: str, archs=ARCHS) -> list[dict]:
+def attention_variants(level: str, archs=ARCHS, dtypes=None) -> list[dict]:
     """Every (kernel, arch, head-dim block, dtype, flags, tile) the attention wrappers can launch
-    (``level="full"``), the default subset, or the CI subset."""
+    (``level="full"``), the default subset, or the CI subset; ``dtypes`` keeps only those input
+    dtypes ("float32-ieee" names float32 with IEEE dots)."""
     from deepalign.kernels import attention_triton as at
 
     flag_sets = {"ci": CI_FLAG_SETS, "default": DEFAULT_FLAG_SETS, "full": tuple(_all_flag_sets())}[level]
     precisions = [("float16", "tf32"), ("bfloat16", "tf32"), ("float32", "tf32")]
-    if level == "full":
+    if level == "full" or (dtypes and "float32-ieee" in dtypes):
         precisions.append(("float32", "ieee"))
+    if dtypes:
+        precisions = [(d, p) for d, p in precisions if (d if p == "tf32" else f"{d}-{p}") in dtypes]
     variants = []
     for kernel, arch, block_d, (dtype, precision), flags in itertools.product(
             at.KERNELS, archs, at.BLOCK_DS, precisions, flag_sets):
         if level == "ci" and not _in_ci_attention(kernel, arch, block_d, dtype):
             continue
-        tiles = at.gpu_tiles(kernel, arch, block_d, precision)
+        tiles = at.gpu_tiles(kernel, arch, block_d, precision, dtype)
         if level == "ci":
             tiles = tiles[:1]
         for tile in tiles:
@@ -102,9 +109,8 @@ def attention_variants(level: str, archs=ARCHS) -> list[dict]:
 
 
 def _in_ci_attention(kernel, arch, block_d, dtype) -> bool:
-    """CI: each kernel at the head dims where registers run highest (64, 128), bf16, everything
-    on (causal + padding + window + softcap); plus the fp32 (TF32) forward at 128 on sm_80 (the
-    largest shared memory)."""
+    """CI: each kernel at the head dims where registers run highest (64, 128), bf16, under each of
+    ``CI_FLAG_SETS``; plus the fp32 (TF32) forward at 128 on sm_80 (the largest shared memory)."""
     if dtype == "float16":
         return False
     if dtype == "float32":
@@ -345,6 +351,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="compile for this arch only (repeatable; default both)")
     parser.add_argument("--device", action="store_true",
                         help="compile for this machine's GPU (its capability mapped to the 80 or 90 tables)")
+    parser.add_argument("--dtype", action="append", choices=[*DTYPES, "float32-ieee"],
+                        help="attention variants of this input dtype only (repeatable; default all the level has)")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--no-save", action="store_true", help="print only; do not append rows to results/")
     parser.add_argument("--json", metavar="PATH", help="also write the rows as a JSON list to PATH")
@@ -361,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"device: {torch.cuda.get_device_name()} (sm_{major}{minor}) -> sm_{archs[0]} tables")
     variants = []
     if args.kernels in ("all", "attention"):
-        variants += attention_variants(args.level, archs)
+        variants += attention_variants(args.level, archs, args.dtype)
     if args.kernels in ("all", "topk"):
         variants += topk_variants(args.level, archs)
     start = time.perf_counter()

@@ -3,10 +3,10 @@
     python -m benchmarks.tile_search --kernel dkdv --arch 90 --head-dim 128
     python -m benchmarks.tile_search            # every kernel, arch and head-dim block (about 10 min on 2 cores)
 
-Each candidate tile (BLOCK_M × BLOCK_N, warps, stages) is compiled for the worst case the wrappers
-launch (causal + padding + window + softcap, float32 as TF32: the largest operand tiles) and printed with its
-largest register count, spills and shared memory; spill-free tiles within the shared-memory limit
-are marked. Nothing is written to results/ (``python -m benchmarks.compile_check`` records the
+Each candidate tile (BLOCK_M × BLOCK_N, warps, stages) is compiled for three flag sets (causal, none,
+and causal + padding + window + softcap), in the given dtype (float32 as TF32 by default: the largest
+operand tiles), and printed with its largest register count, spills and shared memory over them;
+spill-free tiles within the shared-memory limit are marked. Nothing is written to results/ (``python -m benchmarks.compile_check`` records the
 chosen tiles).
 """
 
@@ -19,21 +19,24 @@ import os
 from benchmarks import compile_check as cc
 
 PAIRS = [(128, 128), (128, 64), (64, 128), (64, 64), (128, 32), (64, 32), (32, 64), (32, 32)]
-WORST = ("CAUSAL", "HAS_PAD", "HAS_WINDOW", "HAS_SOFTCAP")
+# The flag sets whose code differs most: causal and no flags run three loops (the whole tiles without
+# the mask), everything-on runs one masked loop with the most live values.
+FLAG_SETS = (("CAUSAL",), (), ("CAUSAL", "HAS_PAD", "HAS_WINDOW", "HAS_SOFTCAP"))
 
 
-def candidates(kernel: str, arch: int, block_d: int, dtypes=("float32",)) -> list[dict]:
+def candidates(kernel: str, arch: int, block_d: int, dtypes=("float32",), pairs=PAIRS) -> list[dict]:
     from deepalign.kernels import attention_triton as at
 
     variants = []
-    for (block_m, block_n), warps, stages, dtype in itertools.product(PAIRS, (4, 8), (1, 2), dtypes):
-        constexprs = {name: name in WORST for name in cc.ATTENTION_FLAGS}
+    for (block_m, block_n), warps, stages, dtype, flags in itertools.product(pairs, (4, 8), (1, 2), dtypes,
+                                                                             FLAG_SETS):
+        constexprs = {name: name in flags for name in cc.ATTENTION_FLAGS}
         constexprs.update(PRECISION="tf32", TANH="libdevice" if dtype == "float32" else "approx",
                           BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d)
         variants.append(dict(kernel=kernel, module="deepalign.kernels.attention_triton", fn=at._KERNEL_FNS[kernel],
-                             arch=arch, head_dim=block_d, dtype=dtype, precision="tf32", flags="all",
-                             constexprs=constexprs, num_warps=warps, num_stages=stages,
-                             blocks=f"M{block_m} N{block_n} D{block_d}"))
+                             arch=arch, head_dim=block_d, dtype=dtype, precision="tf32",
+                             flags="+".join(flags) or "none", constexprs=constexprs, num_warps=warps,
+                             num_stages=stages, blocks=f"M{block_m} N{block_n} D{block_d}"))
     return variants
 
 
@@ -42,11 +45,15 @@ def main() -> None:
     parser.add_argument("--kernel", action="append", choices=["fwd", "dkdv", "dq"])
     parser.add_argument("--arch", type=int, action="append", choices=cc.ARCHS)
     parser.add_argument("--head-dim", type=int, action="append", choices=[16, 32, 64, 128, 256])
+    parser.add_argument("--dtype", action="append", choices=list(cc.DTYPES))
+    parser.add_argument("--pairs", help="BLOCK_M×BLOCK_N pairs to try, e.g. 64x64,64x32 (default: all eight)")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     args = parser.parse_args()
     os.environ["TRITON_INTERPRET"] = "0"
+    pairs = [tuple(int(n) for n in pair.split("x")) for pair in args.pairs.split(",")] if args.pairs else PAIRS
     variants = [v for kernel in args.kernel or ["fwd", "dkdv", "dq"] for arch in args.arch or cc.ARCHS
-                for d in args.head_dim or [16, 32, 64, 128, 256] for v in candidates(kernel, arch, d)]
+                for d in args.head_dim or [16, 32, 64, 128, 256]
+                for v in candidates(kernel, arch, d, tuple(args.dtype or ["float32"]), pairs)]
     rows = cc.run(variants, args.jobs)
     groups: dict[tuple, list[dict]] = {}
     for row in rows:

@@ -3,7 +3,11 @@
 Forward, grid ``(B · Hq, ⌈Tq / BLOCK_M⌉)``: FlashAttention-2 online softmax over key blocks with a
 second running sum for the prefill mass (``l_S ← l_S · α + rowsum(p · m)``); writes ``out``,
 ``mass = l_S / l`` and the row log-sum-exp for backward. Key blocks outside the causal / window
-band of the query block are skipped.
+band of the query block are skipped, and blocks that every query of the tile sees whole (inside the
+band, inside the keys, all queries real) run without the visibility mask: each kernel walks its
+blocks in three runs — the window's edge, the whole blocks, the causal edge — as FlashAttention
+splits its masked and unmasked iterations. With key padding the mask is per key and every block
+keeps it (one run).
 
 Backward: ``Δ_i = rowsum(dO ∘ O)_i + g_i · mass_i`` (``g = ∂L/∂mass``), then two kernels that
 recompute ``P = exp(S − lse)`` block by block:
@@ -19,8 +23,8 @@ float32 inputs use TF32 tensor-core dot products on a GPU unless the caller asks
 is the hardware ``tanh.approx.f32`` for float16 / bfloat16 inputs and libdevice's ``tanhf`` for
 float32; the interpreter uses the exp/log form below.
 
-Launch configurations (tile sizes, warps, stages) are per kernel, architecture and head-dim block:
-see :data:`GPU_TILES`, chosen with ``python -m benchmarks.compile_check`` so that every variant
+Launch configurations (tile sizes, warps, stages) are per kernel, architecture, head-dim block and,
+for float32, dtype: see :data:`GPU_TILES` and :data:`GPU_TILES_TF32`, chosen with ``python -m benchmarks.compile_check`` so that every variant
 compiles with zero register spills. On a GPU, ``triton.autotune`` picks among the listed tiles,
 keyed on head dim, mask flags, precision and dtype; the interpreter runs one tile
 (:data:`INTERPRETER_TILES`, which tests replace with GPU tiles).
@@ -73,14 +77,21 @@ def _tanh(x, TANH: tl.constexpr):
 
 
 @triton.jit
-def _scores(q, k, offs_m, cols, kpad_row_ptr, scale, softcap, window, num_queries, num_keys,
-            CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-            PRECISION: tl.constexpr, TANH: tl.constexpr):
-    """Scaled (and capped) scores of a query block against a key block, and their visibility.
-    ``q [BM, BD]``, ``k [BN, BD]``; returns ``(s, visible)``, both ``[BM, BN]``."""
+def _scores(q, k, scale, softcap, HAS_SOFTCAP: tl.constexpr, PRECISION: tl.constexpr, TANH: tl.constexpr):
+    """Scaled (and capped) scores of a query block against a key block: ``q [BM, BD]``,
+    ``k [BN, BD]`` → ``[BM, BN]``."""
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
     if HAS_SOFTCAP:
         s = softcap * _tanh(s / softcap, TANH)
+    return s
+
+
+@triton.jit
+def _visible(offs_m, cols, kpad_row_ptr, window, num_queries, num_keys,
+             CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, HAS_WINDOW: tl.constexpr):
+    """``[BM, BN]``: which (query, key) pairs of a tile may attend. Query ``i`` sits at absolute
+    position ``a = i + Tk − Tq``; key ``j`` is visible when ``j < Tk``, ``i < Tq``, ``j ≤ a`` (causal),
+    ``j > a − window`` (window) and key ``j`` is not padding."""
     absolute = offs_m[:, None] + (num_keys - num_queries)
     visible = (cols[None, :] < num_keys) & (offs_m[:, None] < num_queries)
     if CAUSAL:
@@ -90,7 +101,7 @@ def _scores(q, k, offs_m, cols, kpad_row_ptr, scale, softcap, window, num_querie
     if HAS_PAD:
         real = tl.load(kpad_row_ptr + cols, mask=cols < num_keys, other=0)
         visible = visible & (real != 0)[None, :]
-    return s, visible
+    return visible
 
 
 @triton.jit
@@ -106,6 +117,54 @@ def _key_range(start_m, num_queries, num_keys, window,
         lo = tl.maximum(0, start_m + num_keys - num_queries - window + 1)
         lo = (lo // BLOCK_N) * BLOCK_N
     return lo, hi
+
+
+@triton.jit
+def _full_key_blocks(start_m, lo, hi, num_queries, num_keys, window, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr):
+    """``[full_lo, full_hi)``, on the ``BLOCK_N`` grid of ``lo`` with ``lo ≤ full_lo ≤ full_hi ≤ hi``:
+    the key blocks every query of ``start_m … start_m + BLOCK_M`` sees whole, which skip the mask.
+
+    A block ``[j₀, j₀ + BN)`` is whole when it lies inside the keys (``j₀ + BN ≤ Tk``), below the
+    causal edge of the block's first query (``j₀ + BN − 1 ≤ start_m + Tk − Tq``) and above the window
+    edge of its last (``j₀ > start_m + BM − 1 + Tk − Tq − window``), and all ``BM`` queries exist.
+    Without a whole block ``full_lo = full_hi = max(lo, hi)``. (With key padding the kernels do not
+    call this: the mask is per key.)"""
+    shift = num_keys - num_queries
+    last = num_keys
+    if CAUSAL:
+        last = tl.minimum(last, start_m + shift + 1)
+    full_hi = (tl.maximum(last, 0) // BLOCK_N) * BLOCK_N
+    full_lo = lo
+    if HAS_WINDOW:
+        first = tl.maximum(start_m + BLOCK_M + shift - window, 0)
+        full_lo = tl.maximum(lo, ((first + BLOCK_N - 1) // BLOCK_N) * BLOCK_N)
+    full_hi = tl.minimum(full_hi, hi)
+    some = (full_lo < full_hi) & (start_m + BLOCK_M <= num_queries)
+    none = tl.maximum(lo, hi)  # no whole block: the first run covers [lo, hi)
+    return tl.where(some, full_lo, none), tl.where(some, full_hi, none)
+
+
+@triton.jit
+def _full_query_blocks(start_n, m_lo, m_hi, num_queries, num_keys, window, BLOCK_M: tl.constexpr,
+                       BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr):
+    """The dK/dV kernel's twin of :func:`_full_key_blocks`: ``[full_lo, full_hi)`` of query blocks
+    (on the ``BLOCK_M`` grid of ``m_lo``) that see the whole key block ``start_n … start_n + BN``:
+    all keys exist (``start_n + BN ≤ Tk``), all queries exist, the block's first query is causally
+    past the last key (``i₀ + Tk − Tq ≥ start_n + BN − 1``), and the window of its last query still
+    reaches the first key (``i₀ + BM − 1 + Tk − Tq − window < start_n``)."""
+    shift = num_keys - num_queries
+    full_lo = m_lo
+    if CAUSAL:
+        first = tl.maximum(start_n + BLOCK_N - 1 - shift, 0)
+        full_lo = tl.maximum(m_lo, ((first + BLOCK_M - 1) // BLOCK_M) * BLOCK_M)
+    last = num_queries
+    if HAS_WINDOW:
+        last = tl.minimum(last, start_n + window - shift)
+    full_hi = tl.minimum((tl.maximum(last, 0) // BLOCK_M) * BLOCK_M, m_hi)
+    some = (full_lo < full_hi) & (start_n + BLOCK_N <= num_keys)
+    none = tl.maximum(m_lo, m_hi)
+    return tl.where(some, full_lo, none), tl.where(some, full_hi, none)
 
 
 @triton.jit
@@ -138,6 +197,33 @@ def _score_gradient(p, s, do, v, g, prefill, delta, softcap, HAS_SOFTCAP: tl.con
 
 
 @triton.jit
+def _fwd_step(acc, m_i, l_i, ls_i, q, k_base, v_base, prefill_row, kpad_row, start_n, offs_m, offs_n, offs_d, d_ok,
+              stride_kt, stride_vt, scale, softcap, window, num_queries, num_keys,
+              MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, HAS_WINDOW: tl.constexpr,
+              HAS_SOFTCAP: tl.constexpr, PRECISION: tl.constexpr, TANH: tl.constexpr):
+    """One key block of the online softmax: ``m ← max(m, rowmax S)``, ``α = exp(m_old − m)``,
+    ``l ← α·l + rowsum P``, ``l_S ← α·l_S + rowsum(P ∘ prefill)``, ``acc ← α·acc + P V``.
+    ``MASKED=False`` for a whole block (no visibility mask)."""
+    cols = start_n + offs_n
+    col_ok = cols < num_keys
+    k = _load_tile(k_base, cols, stride_kt, num_keys, offs_d, d_ok)
+    v = _load_tile(v_base, cols, stride_vt, num_keys, offs_d, d_ok)
+    s = _scores(q, k, scale, softcap, HAS_SOFTCAP, PRECISION, TANH)
+    if MASKED:
+        s = tl.where(_visible(offs_m, cols, kpad_row, window, num_queries, num_keys, CAUSAL, HAS_PAD, HAS_WINDOW),
+                     s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp(s - m_safe[:, None])
+    alpha = tl.exp(m_i - m_safe)
+    prefill = tl.load(prefill_row + cols, mask=col_ok, other=0).to(tl.float32)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    ls_i = ls_i * alpha + tl.sum(p * prefill[None, :], axis=1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    return acc, m_new, l_i, ls_i
+
+
+@triton.jit
 def _fwd_kernel(
     Q, K, V, PREFILL, KPAD, OUT, MASS, LSE,
     stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
@@ -164,24 +250,33 @@ def _fwd_kernel(
     ls_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
 
+    # Key blocks in three runs: the window's edge (masked), the whole blocks (no mask), the causal
+    # edge and the last partial block (masked). With padding the mask is per key: one masked run.
     lo, hi = _key_range(start_m, num_queries, num_keys, window, BLOCK_M, BLOCK_N, CAUSAL, HAS_WINDOW)
-    for start_n in range(lo, hi, BLOCK_N):
-        cols = start_n + offs_n
-        col_ok = cols < num_keys
-        k = _load_tile(k_base, cols, stride_kt, num_keys, offs_d, d_ok)
-        v = _load_tile(v_base, cols, stride_vt, num_keys, offs_d, d_ok)
-        s, visible = _scores(q, k, offs_m, cols, kpad_row, scale, softcap, window, num_queries, num_keys,
-                             CAUSAL, HAS_PAD, HAS_WINDOW, HAS_SOFTCAP, PRECISION, TANH)
-        s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp(s - m_safe[:, None])
-        alpha = tl.exp(m_i - m_safe)
-        prefill = tl.load(prefill_row + cols, mask=col_ok, other=0).to(tl.float32)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        ls_i = ls_i * alpha + tl.sum(p * prefill[None, :], axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m_i = m_new
+    if HAS_PAD:
+        for start_n in range(lo, hi, BLOCK_N):
+            acc, m_i, l_i, ls_i = _fwd_step(acc, m_i, l_i, ls_i, q, k_base, v_base, prefill_row, kpad_row, start_n,
+                                            offs_m, offs_n, offs_d, d_ok, stride_kt, stride_vt, scale, softcap, window,
+                                            num_queries, num_keys, True, CAUSAL, HAS_PAD, HAS_WINDOW, HAS_SOFTCAP,
+                                            PRECISION, TANH)
+    else:
+        full_lo, full_hi = _full_key_blocks(start_m, lo, hi, num_queries, num_keys, window, BLOCK_M, BLOCK_N,
+                                            CAUSAL, HAS_WINDOW)
+        for start_n in range(lo, full_lo, BLOCK_N):
+            acc, m_i, l_i, ls_i = _fwd_step(acc, m_i, l_i, ls_i, q, k_base, v_base, prefill_row, kpad_row, start_n,
+                                            offs_m, offs_n, offs_d, d_ok, stride_kt, stride_vt, scale, softcap, window,
+                                            num_queries, num_keys, True, CAUSAL, HAS_PAD, HAS_WINDOW, HAS_SOFTCAP,
+                                            PRECISION, TANH)
+        for start_n in range(full_lo, full_hi, BLOCK_N):
+            acc, m_i, l_i, ls_i = _fwd_step(acc, m_i, l_i, ls_i, q, k_base, v_base, prefill_row, kpad_row, start_n,
+                                            offs_m, offs_n, offs_d, d_ok, stride_kt, stride_vt, scale, softcap, window,
+                                            num_queries, num_keys, False, CAUSAL, HAS_PAD, HAS_WINDOW, HAS_SOFTCAP,
+                                            PRECISION, TANH)
+        for start_n in range(full_hi, hi, BLOCK_N):
+            acc, m_i, l_i, ls_i = _fwd_step(acc, m_i, l_i, ls_i, q, k_base, v_base, prefill_row, kpad_row, start_n,
+                                            offs_m, offs_n, offs_d, d_ok, stride_kt, stride_vt, scale, softcap, window,
+                                            num_queries, num_keys, True, CAUSAL, HAS_PAD, HAS_WINDOW, HAS_SOFTCAP,
+                                            PRECISION, TANH)
 
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
@@ -194,6 +289,32 @@ def _fwd_kernel(
     row_index = bh.to(tl.int64) * num_queries + offs_m
     tl.store(MASS + row_index, mass, mask=row_ok)
     tl.store(LSE + row_index, lse, mask=row_ok)
+
+
+@triton.jit
+def _dkdv_step(dk, dv, k, v, prefill, q_base, do_base, bh, start_m, cols, offs_d, d_ok, kpad_row,
+               LSE, DELTA, GMASS, stride_qt, stride_dot, scale, softcap, window, num_queries, num_keys,
+               MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, HAS_WINDOW: tl.constexpr,
+               HAS_SOFTCAP: tl.constexpr, PRECISION: tl.constexpr, TANH: tl.constexpr, BLOCK_M: tl.constexpr):
+    """One query block against the program's key block: ``P = exp(S − lse)``, ``dV += Pᵀ dO``,
+    ``dK += dSᵀ Q``. ``MASKED=False`` for a block that sees the whole key block."""
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    row_ok = offs_m < num_queries
+    q = _load_tile(q_base, offs_m, stride_qt, num_queries, offs_d, d_ok)
+    do = _load_tile(do_base, offs_m, stride_dot, num_queries, offs_d, d_ok)
+    row_index = bh.to(tl.int64) * num_queries + offs_m
+    lse = tl.load(LSE + row_index, mask=row_ok, other=0.0)
+    delta = tl.load(DELTA + row_index, mask=row_ok, other=0.0)
+    g = tl.load(GMASS + row_index, mask=row_ok, other=0.0)
+    s = _scores(q, k, scale, softcap, HAS_SOFTCAP, PRECISION, TANH)
+    p = tl.exp(s - lse[:, None])
+    if MASKED:
+        p = tl.where(_visible(offs_m, cols, kpad_row, window, num_queries, num_keys, CAUSAL, HAS_PAD, HAS_WINDOW),
+                     p, 0.0)
+    dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
+    ds = _score_gradient(p, s, do, v, g, prefill, delta, softcap, HAS_SOFTCAP, PRECISION)
+    dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
+    return dk, dv
 
 
 @triton.jit
@@ -231,30 +352,62 @@ def _dkdv_kernel(
         m_lo = (m_lo // BLOCK_M) * BLOCK_M
     if HAS_WINDOW:
         m_hi = tl.minimum(num_queries, start_n + BLOCK_N - 1 + window - shift)
+    # Query blocks in three runs: the causal edge (masked), the whole blocks (no mask), the
+    # window's edge and the last partial block (masked). With padding: one masked run.
     for hq in range(0, group):
         h = hk * group + hq
         bh = b * heads_q + h
         q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
         do_base = DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
-        for start_m in range(m_lo, m_hi, BLOCK_M):
-            offs_m = start_m + tl.arange(0, BLOCK_M)
-            row_ok = offs_m < num_queries
-            q = _load_tile(q_base, offs_m, stride_qt, num_queries, offs_d, d_ok)
-            do = _load_tile(do_base, offs_m, stride_dot, num_queries, offs_d, d_ok)
-            row_index = bh.to(tl.int64) * num_queries + offs_m
-            lse = tl.load(LSE + row_index, mask=row_ok, other=0.0)
-            delta = tl.load(DELTA + row_index, mask=row_ok, other=0.0)
-            g = tl.load(GMASS + row_index, mask=row_ok, other=0.0)
-            s, visible = _scores(q, k, offs_m, cols, kpad_row, scale, softcap, window, num_queries, num_keys,
-                                 CAUSAL, HAS_PAD, HAS_WINDOW, HAS_SOFTCAP, PRECISION, TANH)
-            p = tl.where(visible, tl.exp(s - lse[:, None]), 0.0)
-            dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
-            ds = _score_gradient(p, s, do, v, g, prefill, delta, softcap, HAS_SOFTCAP, PRECISION)
-            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
+        if HAS_PAD:
+            for start_m in range(m_lo, m_hi, BLOCK_M):
+                dk, dv = _dkdv_step(dk, dv, k, v, prefill, q_base, do_base, bh, start_m, cols, offs_d, d_ok, kpad_row,
+                                    LSE, DELTA, GMASS, stride_qt, stride_dot, scale, softcap, window, num_queries,
+                                    num_keys, True, CAUSAL, HAS_PAD, HAS_WINDOW, HAS_SOFTCAP, PRECISION, TANH,
+                                    BLOCK_M)
+        else:
+            full_lo, full_hi = _full_query_blocks(start_n, m_lo, m_hi, num_queries, num_keys, window, BLOCK_M,
+                                                  BLOCK_N, CAUSAL, HAS_WINDOW)
+            for start_m in range(m_lo, full_lo, BLOCK_M):
+                dk, dv = _dkdv_step(dk, dv, k, v, prefill, q_base, do_base, bh, start_m, cols, offs_d, d_ok, kpad_row,
+                                    LSE, DELTA, GMASS, stride_qt, stride_dot, scale, softcap, window, num_queries,
+                                    num_keys, True, CAUSAL, HAS_PAD, HAS_WINDOW, HAS_SOFTCAP, PRECISION, TANH,
+                                    BLOCK_M)
+            for start_m in range(full_lo, full_hi, BLOCK_M):
+                dk, dv = _dkdv_step(dk, dv, k, v, prefill, q_base, do_base, bh, start_m, cols, offs_d, d_ok, kpad_row,
+                                    LSE, DELTA, GMASS, stride_qt, stride_dot, scale, softcap, window, num_queries,
+                                    num_keys, False, CAUSAL, HAS_PAD, HAS_WINDOW, HAS_SOFTCAP, PRECISION, TANH,
+                                    BLOCK_M)
+            for start_m in range(full_hi, m_hi, BLOCK_M):
+                dk, dv = _dkdv_step(dk, dv, k, v, prefill, q_base, do_base, bh, start_m, cols, offs_d, d_ok, kpad_row,
+                                    LSE, DELTA, GMASS, stride_qt, stride_dot, scale, softcap, window, num_queries,
+                                    num_keys, True, CAUSAL, HAS_PAD, HAS_WINDOW, HAS_SOFTCAP, PRECISION, TANH,
+                                    BLOCK_M)
 
     out_offsets = (bhk.to(tl.int64) * num_keys + cols.to(tl.int64))[:, None] * head_dim + offs_d[None, :]
     tl.store(DK + out_offsets, (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
     tl.store(DV + out_offsets, dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def _dq_step(dq, q, do, lse, delta, g, k_base, v_base, prefill_row, kpad_row, start_n, offs_m, offs_n, offs_d, d_ok,
+             stride_kt, stride_vt, scale, softcap, window, num_queries, num_keys,
+             MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, HAS_WINDOW: tl.constexpr,
+             HAS_SOFTCAP: tl.constexpr, PRECISION: tl.constexpr, TANH: tl.constexpr):
+    """One key block of ``dQ += dS K``. ``MASKED=False`` for a whole block."""
+    cols = start_n + offs_n
+    col_ok = cols < num_keys
+    k = _load_tile(k_base, cols, stride_kt, num_keys, offs_d, d_ok)
+    v = _load_tile(v_base, cols, stride_vt, num_keys, offs_d, d_ok)
+    prefill = tl.load(prefill_row + cols, mask=col_ok, other=0).to(tl.float32)
+    s = _scores(q, k, scale, softcap, HAS_SOFTCAP, PRECISION, TANH)
+    p = tl.exp(s - lse[:, None])
+    if MASKED:
+        p = tl.where(_visible(offs_m, cols, kpad_row, window, num_queries, num_keys, CAUSAL, HAS_PAD, HAS_WINDOW),
+                     p, 0.0)
+    ds = _score_gradient(p, s, do, v, g, prefill, delta, softcap, HAS_SOFTCAP, PRECISION)
+    dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+    return dq
 
 
 @triton.jit
@@ -287,18 +440,28 @@ def _dq_kernel(
     kpad_row = KPAD + b.to(tl.int64) * num_keys
     dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
 
+    # The forward's three runs of key blocks (one masked run with padding).
     lo, hi = _key_range(start_m, num_queries, num_keys, window, BLOCK_M, BLOCK_N, CAUSAL, HAS_WINDOW)
-    for start_n in range(lo, hi, BLOCK_N):
-        cols = start_n + offs_n
-        col_ok = cols < num_keys
-        k = _load_tile(k_base, cols, stride_kt, num_keys, offs_d, d_ok)
-        v = _load_tile(v_base, cols, stride_vt, num_keys, offs_d, d_ok)
-        prefill = tl.load(prefill_row + cols, mask=col_ok, other=0).to(tl.float32)
-        s, visible = _scores(q, k, offs_m, cols, kpad_row, scale, softcap, window, num_queries, num_keys,
-                             CAUSAL, HAS_PAD, HAS_WINDOW, HAS_SOFTCAP, PRECISION, TANH)
-        p = tl.where(visible, tl.exp(s - lse[:, None]), 0.0)
-        ds = _score_gradient(p, s, do, v, g, prefill, delta, softcap, HAS_SOFTCAP, PRECISION)
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+    if HAS_PAD:
+        for start_n in range(lo, hi, BLOCK_N):
+            dq = _dq_step(dq, q, do, lse, delta, g, k_base, v_base, prefill_row, kpad_row, start_n, offs_m, offs_n,
+                          offs_d, d_ok, stride_kt, stride_vt, scale, softcap, window, num_queries, num_keys,
+                          True, CAUSAL, HAS_PAD, HAS_WINDOW, HAS_SOFTCAP, PRECISION, TANH)
+    else:
+        full_lo, full_hi = _full_key_blocks(start_m, lo, hi, num_queries, num_keys, window, BLOCK_M, BLOCK_N,
+                                            CAUSAL, HAS_WINDOW)
+        for start_n in range(lo, full_lo, BLOCK_N):
+            dq = _dq_step(dq, q, do, lse, delta, g, k_base, v_base, prefill_row, kpad_row, start_n, offs_m, offs_n,
+                          offs_d, d_ok, stride_kt, stride_vt, scale, softcap, window, num_queries, num_keys,
+                          True, CAUSAL, HAS_PAD, HAS_WINDOW, HAS_SOFTCAP, PRECISION, TANH)
+        for start_n in range(full_lo, full_hi, BLOCK_N):
+            dq = _dq_step(dq, q, do, lse, delta, g, k_base, v_base, prefill_row, kpad_row, start_n, offs_m, offs_n,
+                          offs_d, d_ok, stride_kt, stride_vt, scale, softcap, window, num_queries, num_keys,
+                          False, CAUSAL, HAS_PAD, HAS_WINDOW, HAS_SOFTCAP, PRECISION, TANH)
+        for start_n in range(full_hi, hi, BLOCK_N):
+            dq = _dq_step(dq, q, do, lse, delta, g, k_base, v_base, prefill_row, kpad_row, start_n, offs_m, offs_n,
+                          offs_d, d_ok, stride_kt, stride_vt, scale, softcap, window, num_queries, num_keys,
+                          True, CAUSAL, HAS_PAD, HAS_WINDOW, HAS_SOFTCAP, PRECISION, TANH)
 
     tl.store(DQ + (bh.to(tl.int64) * num_queries + offs_m.to(tl.int64))[:, None] * head_dim + offs_d[None, :],
              (dq * scale).to(DQ.dtype.element_ty), mask=row_mask)
@@ -340,7 +503,7 @@ T = Tile
 # D = 16, 32 and 256 are checked by the default level of the compile check (not in CI).
 GPU_TILES: dict[str, dict[int, dict[int, list[Tile]]]] = {
     "fwd": {
-        90: {16: [T(128, 64, 4, 2)], 32: [T(128, 64, 4, 2)], 64: [T(128, 64, 4, 2)], 128: [T(64, 64, 4, 2)],
+        90: {16: [T(128, 64, 4, 2)], 32: [T(128, 64, 4, 2)], 64: [T(128, 64, 4, 2)], 128: [T(128, 64, 8, 2)],
              256: [T(64, 32, 8, 1)]},
         80: {16: [T(128, 64, 4, 2)], 32: [T(128, 64, 4, 2)], 64: [T(128, 64, 4, 2)], 128: [T(64, 32, 4, 2)],
              256: [T(64, 32, 8, 1)]},
@@ -348,7 +511,7 @@ GPU_TILES: dict[str, dict[int, dict[int, list[Tile]]]] = {
     "dkdv": {
         90: {16: [T(64, 64, 4, 2)], 32: [T(64, 64, 4, 2)], 64: [T(32, 64, 8, 2)], 128: [T(32, 64, 8, 2)],
              256: [T(32, 32, 8, 1)]},
-        80: {16: [T(32, 32, 4, 2)], 32: [T(32, 32, 4, 2)], 64: [T(32, 32, 4, 2)], 128: [T(32, 64, 8, 2)],
+        80: {16: [T(64, 64, 8, 2)], 32: [T(64, 32, 8, 1)], 64: [T(32, 32, 4, 2)], 128: [T(32, 64, 8, 2)],
              256: [T(32, 32, 8, 1)]},
     },
     "dq": {
@@ -359,6 +522,18 @@ GPU_TILES: dict[str, dict[int, dict[int, list[Tile]]]] = {
     },
 }
 del T
+
+# float32 inputs with TF32 dots hold their operand tiles in 32-bit registers: where the half-precision
+# tile spills, they get their own (GPU_TILES_TF32[kernel][arch][BLOCK_D], else GPU_TILES), chosen the
+# same way over the default flag sets (table in benchmarks/results/compile_check.csv, float32 rows).
+GPU_TILES_TF32: dict[str, dict[int, dict[int, list[Tile]]]] = {
+    "fwd": {80: {32: [Tile(64, 64, 4, 2)], 64: [Tile(64, 64, 8, 2)], 128: [Tile(64, 64, 8, 1)]},
+            90: {16: [Tile(64, 64, 8, 2)], 32: [Tile(64, 64, 8, 2)], 64: [Tile(64, 64, 8, 2)],
+                 128: [Tile(32, 64, 8, 2)], 256: [Tile(32, 64, 8, 2)]}},
+    "dkdv": {80: {16: [Tile(64, 64, 8, 1)], 256: [Tile(16, 32, 8, 1)]},
+             90: {32: [Tile(64, 64, 4, 1)], 128: [Tile(32, 64, 8, 1)]}},
+    "dq": {},
+}
 
 # IEEE float32 (``precision="ieee"`` on float32 inputs) runs its dots on CUDA cores: smaller tiles.
 GPU_TILES_IEEE: dict[str, list[Tile]] = {
@@ -379,10 +554,13 @@ def arch_family(capability: tuple[int, int]) -> int:
     return 90 if capability[0] == 9 else 80
 
 
-def gpu_tiles(kernel: str, arch: int, block_d: int, precision: str) -> list[Tile]:
-    """The tiles autotune chooses among for ``kernel`` on ``arch`` (80 or 90)."""
+def gpu_tiles(kernel: str, arch: int, block_d: int, precision: str, dtype: str = "bfloat16") -> list[Tile]:
+    """The tiles autotune chooses among for ``kernel`` on ``arch`` (80 or 90), head-dim block
+    ``block_d``, dot ``precision`` and input ``dtype`` ("float16", "bfloat16" or "float32")."""
     if precision == "ieee":
         return list(GPU_TILES_IEEE[kernel])
+    if dtype == "float32" and block_d in GPU_TILES_TF32[kernel].get(arch, {}):
+        return list(GPU_TILES_TF32[kernel][arch][block_d])
     return list(GPU_TILES[kernel][arch][block_d])
 
 
@@ -417,14 +595,16 @@ def _capability(device_index: int) -> tuple[int, int]:
 def _autotuned(kernel: str):
     """``kernel`` wrapped in ``triton.autotune`` over every GPU tile; pruning keeps those listed
     for the current device, head-dim block and precision (the pointer dtypes join the key)."""
-    tiles = {t for per_arch in GPU_TILES[kernel].values() for per_d in per_arch.values() for t in per_d}
+    tiles = {t for table in (GPU_TILES, GPU_TILES_TF32) for per_arch in table[kernel].values()
+             for per_d in per_arch.values() for t in per_d}
     tiles |= set(GPU_TILES_IEEE[kernel])
     configs = [triton.Config({"BLOCK_M": t.block_m, "BLOCK_N": t.block_n}, num_warps=t.num_warps,
                              num_stages=t.num_stages) for t in sorted(tiles)]
 
     def prune(configs, named_args, **kwargs):
         arch = arch_family(_capability(torch.cuda.current_device()))
-        allowed = gpu_tiles(kernel, arch, kwargs["BLOCK_D"], kwargs["PRECISION"])
+        dtype = str(named_args["Q"].dtype).removeprefix("torch.")
+        allowed = gpu_tiles(kernel, arch, kwargs["BLOCK_D"], kwargs["PRECISION"], dtype)
         kept = [c for c in configs
                 if Tile(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in allowed]
         return kept or configs[:1]

@@ -115,7 +115,7 @@ def attention_cases(draw):
         prefill=draw(st.sampled_from(["random", "span", "span", "none", "all"])),
         padding=draw(st.booleans()),
         causal=draw(st.sampled_from([True, True, False])),
-        window=draw(st.sampled_from([None, None, 1, 7, 33])),
+        window=draw(st.sampled_from([None, None, 1, 7, 33, 70])),  # 70 > 32 + 32 − 1: whole tiles inside the band
         softcap=draw(st.sampled_from([None, None, 2.5, 30.0])),
     )
 

@@ -81,12 +81,13 @@ def test_every_launchable_attention_tile_is_enumerated():
     from benchmarks.compile_check import attention_variants
     from deepalign.kernels import attention_triton as at
 
-    seen = {(v["kernel"], v["arch"], v["head_dim"], v["blocks"], v["num_warps"], v["num_stages"])
+    seen = {(v["kernel"], v["arch"], v["head_dim"], v["dtype"], v["blocks"], v["num_warps"], v["num_stages"])
             for v in attention_variants("default")}
     for kernel in at.KERNELS:
         for arch in (80, 90):
             for block_d in at.BLOCK_DS:
-                for tile in at.gpu_tiles(kernel, arch, block_d, "tf32"):
-                    key = (kernel, arch, block_d, f"M{tile.block_m} N{tile.block_n} D{block_d}", tile.num_warps,
-                           tile.num_stages)
-                    assert key in seen
+                for dtype in ("bfloat16", "float32"):
+                    for tile in at.gpu_tiles(kernel, arch, block_d, "tf32", dtype):
+                        key = (kernel, arch, block_d, dtype, f"M{tile.block_m} N{tile.block_n} D{block_d}",
+                               tile.num_warps, tile.num_stages)
+                        assert key in seen

@@ -37,24 +37,49 @@ def poison_outputs(monkeypatch):
     monkeypatch.setattr(ranking_triton, "POISON_OUTPUTS", True)
 
 
-def use_gpu_tiles(monkeypatch, arch: int, block_d: int):
-    """Make the interpreter launch each attention kernel with its first GPU tile for ``arch``."""
-    tiles = {name: attention_triton.gpu_tiles(name, arch, block_d, "tf32")[0] for name in attention_triton.KERNELS}
+def use_gpu_tiles(monkeypatch, arch: int, block_d: int, dtype: torch.dtype = torch.bfloat16):
+    """Make the interpreter launch each attention kernel with its first GPU tile for ``arch`` and ``dtype``."""
+    name_of = str(dtype).removeprefix("torch.")
+    tiles = {name: attention_triton.gpu_tiles(name, arch, block_d, "tf32", name_of)[0]
+             for name in attention_triton.KERNELS}
     monkeypatch.setattr(attention_triton, "INTERPRETER_TILES", tiles)
     return tiles
 
 
-@pytest.mark.parametrize("arch, dim, dtype, options", [
-    (90, 64, torch.float32, dict(window=37, softcap=20.0)),
-    (80, 128, torch.float16, dict()),
-    (90, 16, torch.float32, dict(causal=False, softcap=5.0)),
-], ids=["sm90-d64-all-options", "sm80-d128-fp16", "sm90-d16-full-softcap"])
-def test_attention_with_gpu_tiles(monkeypatch, arch, dim, dtype, options):
-    tiles = use_gpu_tiles(monkeypatch, arch, attention_triton.block_d_of(dim))
+@pytest.mark.parametrize("arch, dim, dtype, padding, options", [
+    (90, 64, torch.float32, True, dict(window=37, softcap=20.0)),
+    (80, 128, torch.float16, True, dict()),
+    (90, 16, torch.float16, True, dict(causal=False, softcap=5.0)),
+    (80, 64, torch.float16, False, dict(window=100)),
+    (90, 128, torch.float32, False, dict()),
+], ids=["sm90-d64-all-options", "sm80-d128-fp16", "sm90-d16-full-softcap", "sm80-d64-window-unmasked-tiles",
+        "sm90-d128-fp32-unmasked-tiles"])
+def test_attention_with_gpu_tiles(monkeypatch, arch, dim, dtype, padding, options):
+    tiles = use_gpu_tiles(monkeypatch, arch, attention_triton.block_d_of(dim), dtype)
     assert any(t.block_m != t.block_n for t in tiles.values())  # the configurations CI never ran before
-    # Tq, Tk past one tile and not multiples of it; GQA 2:1; left padding.
-    tensors = make_case(21, 1, 1, 2, 70, 135, dim, dtype, "span", True)
+    # Tq, Tk past one tile and not multiples of it; GQA 2:1; left padding (every tile masked) or
+    # none (tiles inside the causal / window band run without the mask).
+    tensors = make_case(21, 1, 1, 2, 70, 135, dim, dtype, "span", padding)
     check_accuracy(*tensors, backend="triton", **options)
+
+
+def test_autotune_prunes_to_the_tiles_listed_for_the_device_and_dtype(monkeypatch):
+    """On a GPU, autotune keeps only the tiles the table lists for the device's architecture, the
+    head-dim block, the dot precision and the input dtype (float32 has its own where halves spill)."""
+    for capability, arch in (((8, 0), 80), ((9, 0), 90)):
+        monkeypatch.setattr(attention_triton, "_capability", lambda index, capability=capability: capability)
+        monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+        for kernel in attention_triton.KERNELS:
+            tuner = attention_triton._autotuned(kernel)
+            for dtype, precision in ((torch.bfloat16, "tf32"), (torch.float32, "tf32"), (torch.float32, "ieee")):
+                for block_d in attention_triton.BLOCK_DS:
+                    kept = tuner.early_config_prune(tuner.configs, {"Q": torch.empty(1, dtype=dtype)},
+                                                    BLOCK_D=block_d, PRECISION=precision)
+                    got = [attention_triton.Tile(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
+                           for c in kept]
+                    listed = attention_triton.gpu_tiles(kernel, arch, block_d, precision,
+                                                        str(dtype).removeprefix("torch."))
+                    assert sorted(got) == sorted(listed), (kernel, arch, dtype, precision, block_d)
 
 
 @pytest.mark.parametrize("dim", [16, 8, 20])
