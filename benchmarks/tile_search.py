@@ -6,8 +6,8 @@
 Each candidate tile (BLOCK_M × BLOCK_N, warps, stages) is compiled for three flag sets (causal, none,
 and causal + padding + window + softcap), in the given dtype (float32 as TF32 by default: the largest
 operand tiles), and printed with its largest register count, spills and shared memory over them;
-spill-free tiles within the shared-memory limit are marked. Nothing is written to results/ (``python -m benchmarks.compile_check`` records the
-chosen tiles).
+spill-free tiles within the shared-memory limit are marked. Nothing is written to results/
+(``python -m benchmarks.compile_check`` records the chosen tiles).
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ import os
 from benchmarks import compile_check as cc
 
 PAIRS = [(128, 128), (128, 64), (64, 128), (64, 64), (128, 32), (64, 32), (32, 64), (32, 32)]
-# The flag sets whose code differs most: causal and no flags run three loops (the whole tiles without
-# the mask), everything-on runs one masked loop with the most live values.
-FLAG_SETS = (("CAUSAL",), (), ("CAUSAL", "HAS_PAD", "HAS_WINDOW", "HAS_SOFTCAP"))
+# The compile check's default flag sets whose code differs most: causal and no flags run three loops
+# (the whole tiles without the mask), everything-on runs one masked loop with the most live values.
+FLAG_SETS = cc.DEFAULT_FLAG_SETS[:3]
 
 
 def candidates(kernel: str, arch: int, block_d: int, dtypes=("float32",), pairs=PAIRS) -> list[dict]:

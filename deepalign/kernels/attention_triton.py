@@ -120,9 +120,25 @@ def _key_range(start_m, num_queries, num_keys, window,
 
 
 @triton.jit
+def _query_range(start_n, num_queries, num_keys, window,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr):
+    """``[m_lo, m_hi)`` of query positions that can see keys ``start_n … start_n + BLOCK_N``, ``m_lo`` a
+    multiple of ``BLOCK_M``: causal needs ``i ≥ j − (Tk − Tq)``, a window ``i < j + window − (Tk − Tq)``."""
+    shift = num_keys - num_queries
+    m_lo = 0
+    m_hi = num_queries
+    if CAUSAL:
+        m_lo = tl.maximum(0, start_n - shift)
+        m_lo = (m_lo // BLOCK_M) * BLOCK_M
+    if HAS_WINDOW:
+        m_hi = tl.minimum(num_queries, start_n + BLOCK_N - 1 + window - shift)
+    return m_lo, m_hi
+
+
+@triton.jit
 def _full_key_blocks(start_m, lo, hi, num_queries, num_keys, window, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr):
-    """``[full_lo, full_hi)``, on the ``BLOCK_N`` grid of ``lo`` with ``lo ≤ full_lo ≤ full_hi ≤ hi``:
+    """``[full_lo, full_hi)``, on the ``BLOCK_N`` grid of ``lo`` with ``lo ≤ full_lo ≤ full_hi ≤ max(lo, hi)``:
     the key blocks every query of ``start_m … start_m + BLOCK_M`` sees whole, which skip the mask.
 
     A block ``[j₀, j₀ + BN)`` is whole when it lies inside the keys (``j₀ + BN ≤ Tk``), below the
@@ -342,18 +358,12 @@ def _dkdv_kernel(
     dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
 
-    # Queries that can see this key block: causal needs i ≥ j − (Tk − Tq); a window needs
-    # i < j + window − (Tk − Tq).
-    shift = num_keys - num_queries
-    m_lo = 0
-    m_hi = num_queries
-    if CAUSAL:
-        m_lo = tl.maximum(0, start_n - shift)
-        m_lo = (m_lo // BLOCK_M) * BLOCK_M
-    if HAS_WINDOW:
-        m_hi = tl.minimum(num_queries, start_n + BLOCK_N - 1 + window - shift)
     # Query blocks in three runs: the causal edge (masked), the whole blocks (no mask), the
-    # window's edge and the last partial block (masked). With padding: one masked run.
+    # window's edge and the last partial block (masked). With padding: one masked run (the whole
+    # range is then unused).
+    m_lo, m_hi = _query_range(start_n, num_queries, num_keys, window, BLOCK_M, BLOCK_N, CAUSAL, HAS_WINDOW)
+    full_lo, full_hi = _full_query_blocks(start_n, m_lo, m_hi, num_queries, num_keys, window, BLOCK_M, BLOCK_N,
+                                          CAUSAL, HAS_WINDOW)
     for hq in range(0, group):
         h = hk * group + hq
         bh = b * heads_q + h
@@ -366,8 +376,6 @@ def _dkdv_kernel(
                                     num_keys, True, CAUSAL, HAS_PAD, HAS_WINDOW, HAS_SOFTCAP, PRECISION, TANH,
                                     BLOCK_M)
         else:
-            full_lo, full_hi = _full_query_blocks(start_n, m_lo, m_hi, num_queries, num_keys, window, BLOCK_M,
-                                                  BLOCK_N, CAUSAL, HAS_WINDOW)
             for start_m in range(m_lo, full_lo, BLOCK_M):
                 dk, dv = _dkdv_step(dk, dv, k, v, prefill, q_base, do_base, bh, start_m, cols, offs_d, d_ok, kpad_row,
                                     LSE, DELTA, GMASS, stride_qt, stride_dot, scale, softcap, window, num_queries,
@@ -555,6 +563,11 @@ def arch_family(capability: tuple[int, int]) -> int:
     return 90 if capability[0] == 9 else 80
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.float32`` → ``"float32"``: the dtype key of the tile tables."""
+    return str(dtype).removeprefix("torch.")
+
+
 def gpu_tiles(kernel: str, arch: int, block_d: int, precision: str, dtype: str = "bfloat16") -> list[Tile]:
     """The tiles autotune chooses among for ``kernel`` on ``arch`` (80 or 90), head-dim block
     ``block_d``, dot ``precision`` and input ``dtype`` ("float16", "bfloat16" or "float32")."""
@@ -604,8 +617,7 @@ def _autotuned(kernel: str):
 
     def prune(configs, named_args, **kwargs):
         arch = arch_family(_capability(torch.cuda.current_device()))
-        dtype = str(named_args["Q"].dtype).removeprefix("torch.")
-        allowed = gpu_tiles(kernel, arch, kwargs["BLOCK_D"], kwargs["PRECISION"], dtype)
+        allowed = gpu_tiles(kernel, arch, kwargs["BLOCK_D"], kwargs["PRECISION"], dtype_name(named_args["Q"].dtype))
         kept = [c for c in configs
                 if Tile(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in allowed]
         return kept or configs[:1]

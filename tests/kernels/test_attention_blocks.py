@@ -17,7 +17,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from deepalign.kernels._dispatch import interpreter_enabled
-from deepalign.kernels.attention_triton import _full_key_blocks, _full_query_blocks, _key_range
+from deepalign.kernels.attention_triton import _full_key_blocks, _full_query_blocks, _key_range, _query_range
 
 pytestmark = pytest.mark.skipif(not interpreter_enabled(), reason="runs the block functions in the interpreter")
 
@@ -39,17 +39,9 @@ def _probe_key_blocks(OUT, num_queries, num_keys, window, BLOCK_M: tl.constexpr,
 @triton.jit
 def _probe_query_blocks(OUT, num_queries, num_keys, window, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                         CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr):
-    # the dK/dV kernel's query range for key block `pid`, as written in `_dkdv_kernel`
     pid = tl.program_id(0)
     start_n = pid * BLOCK_N
-    shift = num_keys - num_queries
-    m_lo = 0
-    m_hi = num_queries
-    if CAUSAL:
-        m_lo = tl.maximum(0, start_n - shift)
-        m_lo = (m_lo // BLOCK_M) * BLOCK_M
-    if HAS_WINDOW:
-        m_hi = tl.minimum(num_queries, start_n + BLOCK_N - 1 + window - shift)
+    m_lo, m_hi = _query_range(start_n, num_queries, num_keys, window, BLOCK_M, BLOCK_N, CAUSAL, HAS_WINDOW)
     full_lo, full_hi = _full_query_blocks(start_n, m_lo, m_hi, num_queries, num_keys, window, BLOCK_M, BLOCK_N,
                                           CAUSAL, HAS_WINDOW)
     tl.store(OUT + pid * 4 + 0, m_lo)

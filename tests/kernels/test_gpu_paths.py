@@ -39,8 +39,7 @@ def poison_outputs(monkeypatch):
 
 def use_gpu_tiles(monkeypatch, arch: int, block_d: int, dtype: torch.dtype = torch.bfloat16):
     """Make the interpreter launch each attention kernel with its first GPU tile for ``arch`` and ``dtype``."""
-    name_of = str(dtype).removeprefix("torch.")
-    tiles = {name: attention_triton.gpu_tiles(name, arch, block_d, "tf32", name_of)[0]
+    tiles = {name: attention_triton.gpu_tiles(name, arch, block_d, "tf32", attention_triton.dtype_name(dtype))[0]
              for name in attention_triton.KERNELS}
     monkeypatch.setattr(attention_triton, "INTERPRETER_TILES", tiles)
     return tiles
@@ -78,7 +77,7 @@ def test_autotune_prunes_to_the_tiles_listed_for_the_device_and_dtype(monkeypatc
                     got = [attention_triton.Tile(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
                            for c in kept]
                     listed = attention_triton.gpu_tiles(kernel, arch, block_d, precision,
-                                                        str(dtype).removeprefix("torch."))
+                                                        attention_triton.dtype_name(dtype))
                     assert sorted(got) == sorted(listed), (kernel, arch, dtype, precision, block_d)
 
 
