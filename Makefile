@@ -16,6 +16,7 @@ test: install
 
 bench: install
 	$(PYTHON) -m benchmarks.topk_rank
+	$(PYTHON) -m benchmarks.topk_selection_cost
 	$(PYTHON) -m benchmarks.prefill_attention
 	$(PYTHON) -m benchmarks.rap
 	$(PYTHON) -m benchmarks.cls_decoding

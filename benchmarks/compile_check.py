@@ -2,7 +2,7 @@
 
     python -m benchmarks.compile_check                 # sm_80 + sm_90, every tile, 4 mask-flag sets
     python -m benchmarks.compile_check --level ci      # the CI subset (tests/kernels/test_compile_check.py)
-    python -m benchmarks.compile_check --level full    # every flag combination and fp32-IEEE (long)
+    python -m benchmarks.compile_check --level full    # every flag combination (long)
     python -m benchmarks.compile_check --kernels attention --dtype float32-ieee   # one dtype's variants
     python -m benchmarks.compile_check --device        # for the GPU of this machine (scripts/gpu_check.sh)
 
@@ -12,7 +12,7 @@ wheel. Per variant it reports registers, spill stores / loads (ptxas' own log), 
 (Triton's allocation) and which tensor-core instructions the PTX holds (``wgmma`` on sm_90,
 ``mma.sync`` on either), and checks: compiles; zero spills; shared memory within the
 architecture's per-block limit (sm_80 163 KiB, sm_90 227 KiB); tensor-core instructions in every
-attention kernel. Exit status 1 when any check fails.
+attention kernel (except IEEE float32, whose dots are FMAs by definition). Exit status 1 when any check fails.
 
 Variants come from the wrappers' own tables (``attention_triton.GPU_TILES`` / ``GPU_TILES_TF32`` /
 ``GPU_TILES_IEEE``, the top-k block
@@ -81,15 +81,13 @@ def attention_variants(level: str, archs=ARCHS, dtypes=None) -> list[dict]:
     from deepalign.kernels import attention_triton as at
 
     flag_sets = {"ci": CI_FLAG_SETS, "default": DEFAULT_FLAG_SETS, "full": tuple(_all_flag_sets())}[level]
-    precisions = [("float16", "tf32"), ("bfloat16", "tf32"), ("float32", "tf32")]
-    if level == "full" or (dtypes and "float32-ieee" in dtypes):
-        precisions.append(("float32", "ieee"))
+    precisions = [("float16", "tf32"), ("bfloat16", "tf32"), ("float32", "tf32"), ("float32", "ieee")]
     if dtypes:
         precisions = [(d, p) for d, p in precisions if (d if p == "tf32" else f"{d}-{p}") in dtypes]
     variants = []
     for kernel, arch, block_d, (dtype, precision), flags in itertools.product(
             at.KERNELS, archs, at.BLOCK_DS, precisions, flag_sets):
-        if level == "ci" and not _in_ci_attention(kernel, arch, block_d, dtype):
+        if level == "ci" and not _in_ci_attention(kernel, arch, block_d, dtype, precision):
             continue
         tiles = at.gpu_tiles(kernel, arch, block_d, precision, dtype)
         if level == "ci":
@@ -108,13 +106,14 @@ def attention_variants(level: str, archs=ARCHS, dtypes=None) -> list[dict]:
     return variants
 
 
-def _in_ci_attention(kernel, arch, block_d, dtype) -> bool:
+def _in_ci_attention(kernel, arch, block_d, dtype, precision) -> bool:
     """CI: each kernel at the head dims where registers run highest (64, 128), bf16, under each of
-    ``CI_FLAG_SETS``; plus the fp32 (TF32) forward at 128 on sm_80 (the largest shared memory)."""
+    ``CI_FLAG_SETS``; plus the fp32 (TF32) forward at 128 on sm_80 (the largest shared memory) and
+    every kernel in IEEE fp32 at 128 on sm_80 (the CUDA-core dots, a few seconds each)."""
     if dtype == "float16":
         return False
     if dtype == "float32":
-        return block_d == 128 and arch == 80 and kernel == "fwd"
+        return block_d == 128 and arch == 80 and (kernel == "fwd" or precision == "ieee")
     return block_d in (64, 128)
 
 
@@ -125,8 +124,8 @@ def topk_variants(level: str, archs=ARCHS) -> list[dict]:
     if level == "full":
         ks, blocks, nbs, dtypes = list(range(1, rt.MAX_K_KERNEL + 1)), rt.GPU_BLOCK_VS, rt.MERGE_NB_PADS, DTYPES
     elif level == "default":
-        ks, blocks, nbs, dtypes = [1, 2, 3, 8, 20, 64], rt.GPU_BLOCK_VS, [1, 8, rt.MAX_BLOCKS_PER_ROW], \
-            ["bfloat16", "float32"]
+        ks, blocks, dtypes = [1, 2, 3, 8, 20, 64], rt.GPU_BLOCK_VS, ["bfloat16", "float32"]
+        nbs = [rt.MERGE_NB_PADS[0], 8, rt.MAX_BLOCKS_PER_ROW]
     else:  # CI: k = 1 (no tl.topk) and k = 20 (RAP's), smallest and largest block (k = 64 compiles take ~30 s)
         ks, blocks, nbs, dtypes = [1, 20], [rt.GPU_BLOCK_VS[0], rt.GPU_BLOCK_VS[-1]], [8], ["bfloat16"]
     m_tiles = [1, rt.M_TILE_MAX]
@@ -138,10 +137,13 @@ def topk_variants(level: str, archs=ARCHS) -> list[dict]:
             if level == "ci" and (m_tile == 1 or (k == 20) == (block_v == blocks[-1])):
                 continue
             warps = rt.partial_warps(block_v)
+            prefilter = rt.prefilter_shape(kp, block_v)  # as the launch uses it
+            groups, cap = prefilter or (1, 1)
             variants.append(dict(kernel="topk_partial", module="deepalign.kernels.ranking_triton",
                                  fn="_topk_rank_partial_kernel", arch=arch, head_dim="", dtype=dtype, precision="",
-                                 flags=f"k{k}" + ("+bitonic" if bitonic else ""),
-                                 constexprs=dict(BLOCK_V=block_v, K=k, KP=kp, M_TILE=m_tile, BITONIC=bitonic),
+                                 flags=f"k{k}" + ("+bitonic" if bitonic else "") + ("+prefilter" if prefilter else ""),
+                                 constexprs=dict(BLOCK_V=block_v, K=k, KP=kp, M_TILE=m_tile, BITONIC=bitonic,
+                                                 PREFILTER=prefilter is not None, GROUPS=groups, CAP=cap),
                                  num_warps=warps, num_stages=3, blocks=f"V{block_v} M{m_tile}"))
         for nb_pad, m_tile in itertools.product(nbs, m_tiles):
             if level == "ci" and (m_tile == 1 or k == 1):
@@ -163,7 +165,7 @@ _POINTERS = {
     "PREFILL": "*u8", "KPAD": "*u8",
     **{name: "*fp32" for name in ("MASS", "LSE", "DELTA", "GMASS", "part_max_ptr", "part_sumexp_ptr", "lse_ptr",
                                   "logprob_ptr")},
-    **{name: "*i64" for name in ("targets_ptr", "part_keys_ptr", "indices_ptr", "rank_ptr")},
+    **{name: "*i64" for name in ("targets_ptr", "part_keys_ptr", "indices_ptr", "rank_ptr", "scratch_ptr")},
     **{name: "*i32" for name in ("part_counts_ptr", "part_bad_ptr", "bad_ptr", "bad_targets_ptr")},
 }
 _FLOATS = {"scale", "softcap"}
@@ -202,8 +204,9 @@ _PTXAS_REGS = re.compile(r"Used (\d+) registers")
 _PTXAS_SPILLS = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
 
 
-def compile_variant(variant: dict) -> dict:
-    """Compile one variant for ``GPUTarget("cuda", arch, 32)`` and return its row."""
+def compile_kernel(variant: dict):
+    """Triton's ``CompiledKernel`` of one variant for ``GPUTarget("cuda", arch, 32)`` (ptxas' log,
+    with registers and spills, goes to standard output)."""
     import importlib
 
     import triton
@@ -212,18 +215,25 @@ def compile_variant(variant: dict) -> dict:
     from triton.compiler import ASTSource
 
     fn = getattr(importlib.import_module(variant["module"]), variant["fn"])
+    signature, attrs = _signature(fn, variant["dtype"], variant["constexprs"])
+    knobs.nvidia.dump_ptxas_log = True
+    return triton.compile(ASTSource(fn, signature, variant["constexprs"], attrs),
+                          target=GPUTarget("cuda", variant["arch"], 32),
+                          options=dict(num_warps=variant["num_warps"], num_stages=variant["num_stages"]))
+
+
+def compile_variant(variant: dict) -> dict:
+    """Compile one variant for ``GPUTarget("cuda", arch, 32)`` and return its row."""
+    import triton
+
     row = {key: variant[key] for key in ("kernel", "arch", "head_dim", "dtype", "precision", "flags", "blocks",
                                          "num_warps", "num_stages")}
     row.update(smem_limit=SMEM_LIMIT[variant["arch"]], triton=triton.__version__)
     start = time.perf_counter()
     log = io.StringIO()
     try:
-        signature, attrs = _signature(fn, variant["dtype"], variant["constexprs"])
-        knobs.nvidia.dump_ptxas_log = True
         with contextlib.redirect_stdout(log):
-            compiled = triton.compile(ASTSource(fn, signature, variant["constexprs"], attrs),
-                                      target=GPUTarget("cuda", variant["arch"], 32),
-                                      options=dict(num_warps=variant["num_warps"], num_stages=variant["num_stages"]))
+            compiled = compile_kernel(variant)
     except Exception as error:  # a compile failure is a result, not a crash of the check
         row.update(ok=False, problems=f"compile failed: {type(error).__name__}: {str(error).splitlines()[0][:300]}",
                    compile_s=round(time.perf_counter() - start, 2))
@@ -270,8 +280,8 @@ def problems(row: dict) -> list[str]:
         found.append(f"spills {row['spill_stores']} B stored / {row['spill_loads']} B loaded")
     if row["shared_bytes"] > row["smem_limit"]:
         found.append(f"shared memory {row['shared_bytes']} B > {row['smem_limit']} B")
-    if row["kernel"] in ("fwd", "dkdv", "dq") and row["tensor_cores"] == "none":
-        found.append("no tensor-core instruction")
+    if row["kernel"] in ("fwd", "dkdv", "dq") and row.get("precision") != "ieee" and row["tensor_cores"] == "none":
+        found.append("no tensor-core instruction")  # IEEE float32 dots run on CUDA cores by design
     return found
 
 

@@ -544,10 +544,24 @@ GPU_TILES_TF32: dict[str, dict[int, dict[int, list[Tile]]]] = {
     "dq": {},
 }
 
-# IEEE float32 (``precision="ieee"`` on float32 inputs) runs its dots on CUDA cores: smaller tiles.
-GPU_TILES_IEEE: dict[str, list[Tile]] = {
-    "fwd": [Tile(32, 32, 4, 1)], "dkdv": [Tile(32, 32, 4, 1)], "dq": [Tile(32, 32, 4, 1)],
+# IEEE float32 (``precision="ieee"`` on float32 inputs) runs its dots as FMAs on CUDA cores, holding
+# more of each operand tile per thread: GPU_TILES_IEEE[kernel][arch][BLOCK_D]. 32×32/4/1 everywhere
+# spilled from D = 128 (up to 39 KB at D = 256) and by 8–20 B in places below; these are spill-free
+# over the default flag sets on sm_80 and sm_90 (compile_check --level default --dtype float32-ieee).
+T = Tile
+GPU_TILES_IEEE: dict[str, dict[int, dict[int, list[Tile]]]] = {
+    "fwd": {80: {16: [T(32, 32, 4, 1)], 32: [T(32, 32, 4, 1)], 64: [T(16, 16, 4, 1)], 128: [T(16, 16, 4, 1)],
+                 256: [T(16, 16, 8, 1)]},
+            90: {16: [T(32, 32, 4, 1)], 32: [T(16, 16, 4, 1)], 64: [T(16, 16, 4, 1)], 128: [T(16, 16, 4, 1)],
+                 256: [T(16, 16, 8, 1)]}},
+    "dkdv": {80: {16: [T(16, 16, 8, 1)], 32: [T(16, 16, 8, 1)], 64: [T(16, 16, 8, 1)], 128: [T(16, 16, 2, 1)],
+                  256: [T(16, 16, 8, 1)]},
+             90: {16: [T(16, 16, 8, 1)], 32: [T(16, 16, 8, 1)], 64: [T(16, 16, 2, 1)], 128: [T(16, 16, 8, 1)],
+                  256: [T(16, 16, 8, 1)]}},
+    "dq": {arch: {16: [T(32, 32, 4, 1)], 32: [T(32, 32, 4, 1)], 64: [T(16, 16, 4, 1)], 128: [T(16, 16, 4, 1)],
+                  256: [T(16, 16, 8, 1)]} for arch in (80, 90)},
 }
+del T
 
 # The interpreter runs one tile per kernel (speed; multi-config autotune needs a GPU). Tests swap in
 # GPU tiles (BLOCK_M ≠ BLOCK_N) to run the GPU launch configurations in the interpreter.
@@ -572,7 +586,7 @@ def gpu_tiles(kernel: str, arch: int, block_d: int, precision: str, dtype: str =
     """The tiles autotune chooses among for ``kernel`` on ``arch`` (80 or 90), head-dim block
     ``block_d``, dot ``precision`` and input ``dtype`` ("float16", "bfloat16" or "float32")."""
     if precision == "ieee":
-        return list(GPU_TILES_IEEE[kernel])
+        return list(GPU_TILES_IEEE[kernel][arch][block_d])
     if dtype == "float32" and block_d in GPU_TILES_TF32[kernel].get(arch, {}):
         return list(GPU_TILES_TF32[kernel][arch][block_d])
     return list(GPU_TILES[kernel][arch][block_d])
@@ -609,9 +623,8 @@ def _capability(device_index: int) -> tuple[int, int]:
 def _autotuned(kernel: str):
     """``kernel`` wrapped in ``triton.autotune`` over every GPU tile; pruning keeps those listed
     for the current device, head-dim block and precision (the pointer dtypes join the key)."""
-    tiles = {t for table in (GPU_TILES, GPU_TILES_TF32) for per_arch in table[kernel].values()
+    tiles = {t for table in (GPU_TILES, GPU_TILES_TF32, GPU_TILES_IEEE) for per_arch in table[kernel].values()
              for per_d in per_arch.values() for t in per_d}
-    tiles |= set(GPU_TILES_IEEE[kernel])
     configs = [triton.Config({"BLOCK_M": t.block_m, "BLOCK_N": t.block_n}, num_warps=t.num_warps,
                              num_stages=t.num_stages) for t in sorted(tiles)]
 

@@ -24,7 +24,9 @@ raises the same errors with one sync. :func:`topk_rank_chunked` checks once per 
 The Triton kernel (``topk_rank_triton``) ranks through one order-preserving 64-bit key per
 vocabulary entry, ``key(v) = ord32(x_v) · 2³² + (2³² − 1 − v)``, where ``ord32`` maps float32 bit
 patterns to integers in the order of the floats: keys are distinct, so ``rank(t) = #{v : key(v) >
-key(t)}`` and the top-k is the k largest keys. The PyTorch reference (``topk_rank_reference``)
+key(t)}`` and the top-k is the k largest keys. Each vocabulary block first drops every key below an
+exact threshold (the k-th largest of strided group maxima), so the selection network sorts a few
+candidates instead of the block (``ranking_triton``'s pre-filter). The PyTorch reference (``topk_rank_reference``)
 applies the same order directly on the values, which is faster on a CPU.
 """
 

@@ -5,7 +5,7 @@ writes, for that block,
 
 * its ``KP`` largest 64-bit order keys (``KP`` = k rounded up to a power of two), where
   ``key(v) = ord32(x_v) · 2³² + (2³² − 1 − v)`` packs value and index so that one unsigned
-  comparison orders by value descending, then index ascending;
+  comparison orders by value descending, then index ascending (selected through a pre-filter, below);
 * the block's max ``m_b`` and ``s_b = Σ exp(x − m_b)``;
 * for every target ``t`` of the row, ``#{v in block : key(v) > key(t)}``;
 * the number of NaN / +inf logits in the block.
@@ -18,6 +18,17 @@ Stage 2, grid ``(N,)``: merges the ``NB · KP`` candidate keys (``NB_PAD`` block
 running top ``KP``) into the row's top ``k`` and unpacks
 them into indices (values are then read from the logits, k loads), combines ``logsumexp = M + log Σ_b s_b · exp(m_b − M)`` with
 ``M = max_b m_b``, sums the rank counts and the bad-logit counts.
+
+**Pre-filter.** A bitonic top-``KP`` over the whole block costs about ``log²KP / 2 + 2 log KP``
+64-bit compare-exchanges per logit. Stage 1 first narrows the block to a few candidates, exactly:
+split the ``BLOCK_V`` keys into ``G = 4·KP`` strided groups (group ``j`` = lanes ``≡ j mod G``), take
+each group's largest key and let ``τ`` be the k-th largest of those ``G`` maxima. At least k keys are
+``≥ τ`` (the k group maxima), so the block's top k all are: the top k of ``{key ≥ τ}`` is the top k of
+the block. The ``c`` candidates are compacted (prefix sum, scatter to a per-program scratch row of
+``CAP = 2·KP`` slots, barrier, reload) and only they go through the selection network. When
+``c > CAP`` (only for adversarial blocks: on i.i.d. logits ``c`` stays close to k, e.g. at most 34
+of 4096 at k = 20 over 300 draws) the block falls back to the full network, so the result is exact
+either way. Per logit this is a max, a compare and a prefix-sum step instead of the network.
 
 The logits are read once; stage 2 reads only the small per-block partials, plus k + M single
 logits (the selected values and the targets). Keys are kept as int64 in memory and reinterpreted as uint64 inside the kernels.
@@ -38,17 +49,22 @@ POISON_OUTPUTS = False
 MAX_BLOCKS_PER_ROW = 64
 MAX_K_KERNEL = 64
 # Vocabulary blocks a GPU launch can use (at most MAX_BLOCKS_PER_ROW blocks per row up to
-# 64 · 4096 = 256k entries; larger vocabularies use more 4096-blocks and stage 2 loops over them).
-# Spill-free per benchmarks/compile_check (see the table in the README / compile_check.csv).
-GPU_BLOCK_VS = (1024, 2048, 4096)
-MERGE_NB_PADS = (1, 2, 4, 8, 16, 32, 64)
+# 64 · 2048 = 128k entries; larger vocabularies use more 2048-blocks and stage 2 loops over them)
+# and the candidate blocks stage 2 merges at a time. Spill-free per benchmarks/compile_check: 4096-blocks
+# (8 warps) spilled 4–16 B on sm_80 at k = 2, 3, 8, and a one-block merge (NB_PAD = 1) 4–12 B.
+GPU_BLOCK_VS = (1024, 2048)
+MERGE_NB_PADS = (2, 4, 8, 16, 32, 64)
 M_TILE_MAX = 4
 MERGE_WARPS = 8
+# Pre-filter shape, in units of KP: strided groups whose maxima set the threshold, and the candidate
+# slots per program (more candidates fall back to the full selection network).
+PREFILTER_GROUPS_PER_KP = 4
+PREFILTER_CAP_PER_KP = 2
 
 
 def partial_warps(block_v: int) -> int:
-    """Warps of a stage-1 program: 4 up to 2048 entries, 8 above."""
-    return 4 if block_v <= 2048 else 8
+    """Warps of a stage-1 program: 4 up to 1024 entries, 8 above (4 warps spill at 2048 on sm_80)."""
+    return 4 if block_v <= 1024 else 8
 
 
 def use_bitonic(k: int, interpreted: bool) -> bool:
@@ -71,8 +87,9 @@ def _order_keys(x, offsets):
 
 @triton.jit
 def _select_top(keys, K: tl.constexpr, KP: tl.constexpr, BITONIC: tl.constexpr):
-    """The largest of the distinct uint64 ``keys`` (1-D) in descending order, as a ``[KP]`` tensor
-    whose first ``K`` slots are exact (slots past ``K`` hold either the next keys or 0).
+    """The largest of the distinct unsigned ``keys`` (1-D) in descending order, as a ``[KP]`` tensor
+    whose first ``K`` slots are exact (slots past ``K`` hold either the next keys or 0). With ties the
+    max loop takes each value once, so its slots then hold the largest distinct values.
 
     ``BITONIC`` uses Triton's bitonic ``tl.topk``; otherwise ``K`` rounds of "take the max, then
     knock it out". Both are exact. The max loop runs on Triton's fast reductions, which matters
@@ -80,12 +97,12 @@ def _select_top(keys, K: tl.constexpr, KP: tl.constexpr, BITONIC: tl.constexpr):
     max reduction in both (Triton 3.6's ``tl.topk(x, 1)`` is 0-d, 3.9's 1-d: neither is used).
     """
     if KP == 1:
-        top = tl.full((1,), 0, dtype=tl.uint64) | tl.max(keys, axis=0)
+        top = tl.zeros((1,), dtype=keys.dtype) | tl.max(keys, axis=0)
     elif BITONIC:
         top = tl.topk(keys, KP)
     else:
         slots = tl.arange(0, KP)
-        top = tl.zeros((KP,), dtype=tl.uint64)
+        top = tl.zeros((KP,), dtype=keys.dtype)
         for r in tl.static_range(K):
             best = tl.max(keys, axis=0)
             top = tl.where(slots == r, best, top)
@@ -94,12 +111,57 @@ def _select_top(keys, K: tl.constexpr, KP: tl.constexpr, BITONIC: tl.constexpr):
 
 
 @triton.jit
+def _prefilter_threshold(values, BLOCK_V: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, GROUPS: tl.constexpr,
+                         BITONIC: tl.constexpr):
+    """``τ``: the ``K``-th largest of the maxima of ``GROUPS`` strided groups of the unsigned
+    ``values [BLOCK_V]`` (group ``j`` = lanes ``j, j + GROUPS, …``), or a smaller value where the max
+    loop meets ties among the maxima. At least ``K`` lanes have ``values ≥ τ``."""
+    group_max = tl.max(tl.reshape(values, (BLOCK_V // GROUPS, GROUPS)), axis=0)
+    top = _select_top(group_max, K, KP, BITONIC)
+    return tl.max(tl.where(tl.arange(0, KP) == K - 1, top, 0), axis=0)
+
+
+@triton.jit
+def _compacted(keys, alive, scratch_row, CAP: tl.constexpr):
+    """The ``alive`` lanes of ``keys`` (at most ``CAP`` of them) as a ``[CAP]`` tensor, padded with 0:
+    each alive key is stored at its prefix-sum position of ``scratch_row`` and read back after a
+    barrier (the lanes of one program are spread over its threads)."""
+    position = tl.cumsum(alive.to(tl.int32), axis=0) - 1
+    tl.store(scratch_row + position, keys.to(tl.int64, bitcast=True), mask=alive)
+    tl.debug_barrier()
+    slots = tl.arange(0, CAP)
+    count = tl.sum(alive.to(tl.int32), axis=0)
+    kept = tl.load(scratch_row + slots, mask=slots < count, other=0, volatile=True)
+    return kept.to(tl.uint64, bitcast=True)
+
+
+@triton.jit
+def _block_top(keys, scratch_row, BLOCK_V: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
+               BITONIC: tl.constexpr, PREFILTER: tl.constexpr, GROUPS: tl.constexpr, CAP: tl.constexpr):
+    """:func:`_select_top` of a block's ``keys``, through the pre-filter when ``PREFILTER`` (see the
+    module docstring): the same ``[KP]`` result, its first ``K`` slots exact."""
+    if PREFILTER:
+        # The threshold works on the value half of the keys (32-bit: half the work of the 64-bit keys);
+        # lanes past the vocabulary have value half 0, below every logit's.
+        values = (keys >> 32).to(tl.uint32)
+        alive = values >= _prefilter_threshold(values, BLOCK_V, K, KP, GROUPS, BITONIC)
+        if tl.sum(alive.to(tl.int32), axis=0) <= CAP:
+            top = _select_top(_compacted(keys, alive, scratch_row, CAP), K, KP, BITONIC)
+        else:
+            top = _select_top(keys, K, KP, BITONIC)
+    else:
+        top = _select_top(keys, K, KP, BITONIC)
+    return top
+
+
+@triton.jit
 def _topk_rank_partial_kernel(
     logits_ptr, row_stride, vocab,
     targets_ptr, num_targets,
-    part_keys_ptr, part_max_ptr, part_sumexp_ptr, part_counts_ptr, part_bad_ptr,
+    part_keys_ptr, part_max_ptr, part_sumexp_ptr, part_counts_ptr, part_bad_ptr, scratch_ptr,
     num_blocks,
     BLOCK_V: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, M_TILE: tl.constexpr, BITONIC: tl.constexpr,
+    PREFILTER: tl.constexpr, GROUPS: tl.constexpr, CAP: tl.constexpr,
 ):
     row = tl.program_id(0)
     block = tl.program_id(1)
@@ -122,7 +184,7 @@ def _topk_rank_partial_kernel(
 
     # Partial top-k over packed keys; lanes past the vocabulary get key 0, below every real key.
     keys = tl.where(in_vocab, _order_keys(x, offsets), 0)
-    top = _select_top(keys, K, KP, BITONIC)
+    top = _block_top(keys, scratch_ptr + part.to(tl.int64) * CAP, BLOCK_V, K, KP, BITONIC, PREFILTER, GROUPS, CAP)
     tl.store(part_keys_ptr + part.to(tl.int64) * KP + tl.arange(0, KP), top.to(tl.int64, bitcast=True))
 
     # Rank counts: how many keys of this block beat each target's key.
@@ -210,6 +272,15 @@ def _topk_rank_merge_kernel(
     tl.store(bad_targets_ptr + row, tl.sum(bad_targets, axis=0))
 
 
+def prefilter_shape(k_padded: int, block_v: int) -> tuple[int, int] | None:
+    """``(groups, cap)`` of the pre-filter for a padded k and block, or ``None`` where it does not
+    pay: ``k = 1`` (one max reduction) and blocks under two keys per group."""
+    groups = PREFILTER_GROUPS_PER_KP * k_padded
+    if k_padded == 1 or block_v < 2 * groups:
+        return None
+    return groups, PREFILTER_CAP_PER_KP * k_padded
+
+
 def choose_block_v(vocab: int, k_padded: int) -> int:
     """Vocabulary block per stage-1 program: enough programs to fill a GPU at small N, at most
     ``MAX_BLOCKS_PER_ROW`` blocks up to ``64 · GPU_BLOCK_VS[-1]`` entries (more, of the largest
@@ -234,13 +305,16 @@ def topk_rank_triton(
     block_v: int | None = None,
     bitonic: bool | None = None,
     nb_pad: int | None = None,
+    prefilter: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor,
            torch.Tensor]:
     """Launch both stages. ``logits [N, V]`` with unit last stride (``N ≥ 1``), ``targets [N, M]``
     int64 contiguous or ``None``. ``block_v`` (a power of two ≥ the padded k) overrides the block
     choice; tests use it to force many blocks. ``bitonic`` picks the selection network (default:
     bitonic on a GPU, the max loop in the interpreter); ``nb_pad`` the blocks stage 2 merges at a
-    time (default: all, up to ``MAX_BLOCKS_PER_ROW``). Returns the tuple of
+    time (default: all, at least ``MERGE_NB_PADS[0]``, up to ``MAX_BLOCKS_PER_ROW``); ``prefilter``
+    the candidate pre-filter (default: wherever :func:`prefilter_shape` allows it; ``True`` where it
+    does not is an error). Returns the tuple of
     :func:`topk_rank_reference` plus ``bad_targets [N]`` (int32, targets outside ``[0, V)`` per row).
     Nothing here waits for the device."""
     n_rows, vocab = logits.shape
@@ -261,6 +335,13 @@ def topk_rank_triton(
     part_sumexp = torch.empty_like(part_max)
     part_counts = torch.empty((n_rows, num_blocks, max(num_targets, 1)), dtype=torch.int32, device=device)
     part_bad = torch.empty((n_rows, num_blocks), dtype=torch.int32, device=device)
+    shape = prefilter_shape(k_padded, block)
+    if prefilter and shape is None:
+        raise ValueError(f"the pre-filter needs k > 1 and block_v ≥ {2 * PREFILTER_GROUPS_PER_KP * k_padded}, "
+                         f"got k={k}, block_v={block}")
+    use_prefilter = shape is not None and prefilter is not False
+    groups, cap = shape if use_prefilter else (1, 1)
+    scratch = torch.empty((n_rows, num_blocks, cap) if use_prefilter else (1,), dtype=torch.int64, device=device)
 
     values = _alloc((n_rows, k), logits.dtype, device, float("nan"))
     indices = _alloc((n_rows, k), torch.int64, device, -7)
@@ -272,11 +353,12 @@ def topk_rank_triton(
 
     num_warps = partial_warps(block)
     if nb_pad is None:
-        nb_pad = min(triton.next_power_of_2(num_blocks), MAX_BLOCKS_PER_ROW)
+        nb_pad = min(max(triton.next_power_of_2(num_blocks), MERGE_NB_PADS[0]), MAX_BLOCKS_PER_ROW)
     _topk_rank_partial_kernel[(n_rows, num_blocks)](
         logits, logits.stride(0), vocab, target_arg, num_targets,
-        part_keys, part_max, part_sumexp, part_counts, part_bad, num_blocks,
-        BLOCK_V=block, K=k, KP=k_padded, M_TILE=m_tile, BITONIC=bitonic, num_warps=num_warps,
+        part_keys, part_max, part_sumexp, part_counts, part_bad, scratch, num_blocks,
+        BLOCK_V=block, K=k, KP=k_padded, M_TILE=m_tile, BITONIC=bitonic, PREFILTER=use_prefilter, GROUPS=groups,
+        CAP=cap, num_warps=num_warps,
     )
     _topk_rank_merge_kernel[(n_rows,)](
         logits, logits.stride(0), vocab, target_arg, num_targets,

@@ -37,9 +37,10 @@ def poison_outputs(monkeypatch):
     monkeypatch.setattr(ranking_triton, "POISON_OUTPUTS", True)
 
 
-def use_gpu_tiles(monkeypatch, arch: int, block_d: int, dtype: torch.dtype = torch.bfloat16):
-    """Make the interpreter launch each attention kernel with its first GPU tile for ``arch`` and ``dtype``."""
-    tiles = {name: attention_triton.gpu_tiles(name, arch, block_d, "tf32", attention_triton.dtype_name(dtype))[0]
+def use_gpu_tiles(monkeypatch, arch: int, block_d: int, dtype: torch.dtype = torch.bfloat16, precision: str = "tf32"):
+    """Make the interpreter launch each attention kernel with its first GPU tile for ``arch``,
+    ``dtype`` and dot ``precision``."""
+    tiles = {name: attention_triton.gpu_tiles(name, arch, block_d, precision, attention_triton.dtype_name(dtype))[0]
              for name in attention_triton.KERNELS}
     monkeypatch.setattr(attention_triton, "INTERPRETER_TILES", tiles)
     return tiles
@@ -60,6 +61,17 @@ def test_attention_with_gpu_tiles(monkeypatch, arch, dim, dtype, padding, option
     # none (tiles inside the causal / window band run without the mask).
     tensors = make_case(21, 1, 1, 2, 70, 135, dim, dtype, "span", padding)
     check_accuracy(*tensors, backend="triton", **options)
+
+
+@pytest.mark.parametrize("arch, dim", [(80, 128), (90, 64)])
+def test_attention_with_ieee_gpu_tiles(monkeypatch, arch, dim):
+    """The 16×16 tiles IEEE float32 uses on a GPU (the interpreter's dots are IEEE float32 anyway)."""
+    tiles = use_gpu_tiles(monkeypatch, arch, attention_triton.block_d_of(dim), torch.float32, "ieee")
+    assert {(t.block_m, t.block_n) for t in tiles.values()} == {(16, 16)}
+    tensors = make_case(24, 1, 1, 2, 40, 53, dim, torch.float32, "span", True)
+    check_accuracy(*tensors, backend="triton", window=29, softcap=15.0)
+    tensors = make_case(25, 1, 1, 1, 37, 37, dim, torch.float32, "span", False)
+    check_accuracy(*tensors, backend="triton")
 
 
 def test_autotune_prunes_to_the_tiles_listed_for_the_device_and_dtype(monkeypatch):

@@ -151,6 +151,47 @@ def test_bitonic_selection_matches_max_loop():
         assert torch.equal(a.cpu().nan_to_num(), b.cpu().nan_to_num())
 
 
+@pytest.mark.parametrize("k, vocab, block_v, bitonic", [(2, 300, 64, False), (3, 2000, 1024, False),
+                                                      (20, 700, 256, True), (64, 1500, 512, False)])
+def test_prefilter_selects_what_the_full_network_selects(k, vocab, block_v, bitonic):
+    """The candidate pre-filter (threshold from strided group maxima, compaction) against the full
+    selection network and the oracles, with ties, signed zeros and -inf in the blocks."""
+    logits = make_logits(k, 3, vocab, torch.float32, "some", 0.1)
+    logits[1, ::7] = 0.0
+    logits[1, 1::7] = -0.0
+    targets = torch.randint(0, vocab, (3, 4), generator=torch.Generator().manual_seed(k))
+    assert triton_module.prefilter_shape(1 << (k - 1).bit_length(), block_v) is not None
+    filtered = topk_rank_triton(logits.to(DEVICE), k, targets.to(DEVICE), block_v=block_v, bitonic=bitonic,
+                                prefilter=True)
+    full = topk_rank_triton(logits.to(DEVICE), k, targets.to(DEVICE), block_v=block_v, bitonic=bitonic,
+                            prefilter=False)
+    for a, b in zip(filtered, full):
+        assert torch.equal(a.cpu().nan_to_num(), b.cpu().nan_to_num())
+    assert_matches(type(topk_rank(logits, 1))(*filtered[:5]), logits, k, targets)
+
+
+def test_prefilter_falls_back_when_candidates_overflow():
+    """Ten strided groups hold the largest logits: 80 keys pass the threshold, more than the 64
+    candidate slots at k = 20, so the block takes the full network, and the result is still exact."""
+    block = 1024
+    groups, cap = triton_module.prefilter_shape(32, block)
+    lanes = torch.arange(block)
+    boosted = (lanes % groups) < 10
+    assert int(boosted.sum()) > cap
+    logits = torch.randn(2, block, generator=torch.Generator().manual_seed(5))
+    logits[:, boosted] += 50
+    result = topk_rank_triton(logits.to(DEVICE), 20, None, block_v=block, prefilter=True)
+    assert_matches(type(topk_rank(logits, 1))(*result[:5]), logits, 20, None)
+
+
+def test_prefilter_refused_where_it_cannot_run():
+    logits = torch.randn(1, 256)
+    with pytest.raises(ValueError, match="pre-filter needs k > 1"):
+        topk_rank_triton(logits.to(DEVICE), 1, None, block_v=256, prefilter=True)
+    with pytest.raises(ValueError, match="block_v ≥ 512"):
+        topk_rank_triton(logits.to(DEVICE), 64, None, block_v=256, prefilter=True)
+
+
 @given(topk_cases(max_vocab=1500))
 def test_rank_index_invariant(case):
     """indices[n, r] == t  <=>  rank(t) == r for r < k: rank every top-k index and some others."""
