@@ -1,7 +1,7 @@
 """Selection cost of ``topk_rank``'s stage 1 without a GPU: SASS instructions per logit, full network
 against the candidate pre-filter, from Triton's compiler and ptxas for ``GPUTarget("cuda", arch, 32)``.
 
-    python -m benchmarks.topk_selection_cost            # sm_80 and sm_90, blocks 1024 / 2048, k 2, 20, 64
+    python -m benchmarks.topk_selection_cost            # sm_80 and sm_90, blocks 1024 / 2048, k 2, 4, 20, 64
     python -m benchmarks.topk_selection_cost --quick    # sm_90, block 2048, k 20
 
 Three builds of the stage-1 kernel per shape: ``k = 1`` (one max reduction: everything but the
@@ -14,7 +14,8 @@ selection networks are unrolled), so static instruction counts stand in for exec
   networks (the fallback's copy of the full network cancels against ``full``),
 * rest             = the ``k = 1`` build (load, keys, logsumexp, counters, one target's rank),
 
-each times the program's threads over ``BLOCK_V`` logits. These are estimates of issued
+each times the program's threads over ``BLOCK_V`` logits. At k = 2 the pre-filter is built although
+launches do not use it there: the row shows why. These are estimates of issued
 instructions, not timings: a GPU run (``benchmarks.topk_rank``) is the measurement.
 """
 
@@ -42,9 +43,8 @@ def _variant(arch: int, block_v: int, k: int, prefilter: bool) -> dict:
     from deepalign.kernels import ranking_triton as rt
 
     kp = 1 << (k - 1).bit_length()
-    shape = rt.prefilter_shape(kp, block_v) if prefilter else None
-    if prefilter and shape is None:
-        raise ValueError(f"no pre-filter at k={k}, block_v={block_v}")
+    # The pre-filter's shape even where the launch does not use it (k ≤ 2), to show why it does not.
+    shape = (rt.PREFILTER_GROUPS_PER_KP * kp, rt.PREFILTER_CAP_PER_KP * kp) if prefilter else None
     groups, cap = shape or (1, 1)
     return dict(kernel="topk_partial", module="deepalign.kernels.ranking_triton", fn="_topk_rank_partial_kernel",
                 arch=arch, head_dim="", dtype="float32", precision="", flags="", blocks=f"V{block_v}",
@@ -63,7 +63,7 @@ def run(quick: bool) -> list[dict]:
     from deepalign.kernels import ranking_triton as rt
 
     shapes = [(90, 2048, 20)] if quick else [(arch, block_v, k) for arch in cc.ARCHS for block_v in rt.GPU_BLOCK_VS
-                                             for k in (2, 20, 64)]
+                                             for k in (2, 4, 20, 64)]
     rows = []
     for arch, block_v, k in shapes:
         base = _count(_variant(arch, block_v, 1, False))

@@ -19,16 +19,18 @@ running top ``KP``) into the row's top ``k`` and unpacks
 them into indices (values are then read from the logits, k loads), combines ``logsumexp = M + log Σ_b s_b · exp(m_b − M)`` with
 ``M = max_b m_b``, sums the rank counts and the bad-logit counts.
 
-**Pre-filter.** A bitonic top-``KP`` over the whole block costs about ``log²KP / 2 + 2 log KP``
-64-bit compare-exchanges per logit. Stage 1 first narrows the block to a few candidates, exactly:
-split the ``BLOCK_V`` keys into ``G = 4·KP`` strided groups (group ``j`` = lanes ``≡ j mod G``), take
-each group's largest key and let ``τ`` be the k-th largest of those ``G`` maxima. At least k keys are
-``≥ τ`` (the k group maxima), so the block's top k all are: the top k of ``{key ≥ τ}`` is the top k of
-the block. The ``c`` candidates are compacted (prefix sum, scatter to a per-program scratch row of
-``CAP = 2·KP`` slots, barrier, reload) and only they go through the selection network. When
-``c > CAP`` (only for adversarial blocks: on i.i.d. logits ``c`` stays close to k, e.g. at most 34
-of 4096 at k = 20 over 300 draws) the block falls back to the full network, so the result is exact
-either way. Per logit this is a max, a compare and a prefix-sum step instead of the network.
+**Pre-filter** (k ≥ 3). A bitonic top-``KP`` over the whole block costs about
+``log²KP / 2 + 2 log KP`` 64-bit compare-exchanges per logit. Stage 1 first narrows the block to a few
+candidates, exactly: split the block into ``G = 4·KP`` strided groups (group ``j`` = lanes
+``≡ j mod G``), take each group's largest value half ``ord32(x)`` of the keys and let ``τ`` be the
+k-th largest of those ``G`` maxima. At least k lanes have ``ord32 ≥ τ`` (the k groups' maxima), so
+the block's top k keys all do, and the top k of ``{ord32 ≥ τ}`` is the top k of the block. The ``c``
+candidates are compacted (prefix sum, scatter to a per-program scratch row of ``CAP = 2·KP`` slots,
+barrier, reload) and only they go through the selection network. When ``c > CAP`` (adversarial
+blocks only: on i.i.d. logits ``c`` stays close to k, at most 34 of 4096 at k = 20 over 300 draws)
+the block takes the full network, so the result is exact either way. Ahead-of-time SASS counts
+(``benchmarks/topk_selection_cost``) give the selection 100–136 instructions per logit against the
+network's 228–301 at k = 20–64; at k ≤ 2 the network is cheaper and is kept.
 
 The logits are read once; stage 2 reads only the small per-block partials, plus k + M single
 logits (the selected values and the targets). Keys are kept as int64 in memory and reinterpreted as uint64 inside the kernels.
@@ -274,9 +276,11 @@ def _topk_rank_merge_kernel(
 
 def prefilter_shape(k_padded: int, block_v: int) -> tuple[int, int] | None:
     """``(groups, cap)`` of the pre-filter for a padded k and block, or ``None`` where it does not
-    pay: ``k = 1`` (one max reduction) and blocks under two keys per group."""
+    pay: ``k ≤ 2`` (a network of one or two stages per logit costs less than the pre-filter; 47–54
+    against 59–66 SASS instructions per logit at k = 2, benchmarks/topk_selection_cost) and blocks
+    under two keys per group."""
     groups = PREFILTER_GROUPS_PER_KP * k_padded
-    if k_padded == 1 or block_v < 2 * groups:
+    if k_padded <= 2 or block_v < 2 * groups:
         return None
     return groups, PREFILTER_CAP_PER_KP * k_padded
 
@@ -337,7 +341,7 @@ def topk_rank_triton(
     part_bad = torch.empty((n_rows, num_blocks), dtype=torch.int32, device=device)
     shape = prefilter_shape(k_padded, block)
     if prefilter and shape is None:
-        raise ValueError(f"the pre-filter needs k > 1 and block_v ≥ {2 * PREFILTER_GROUPS_PER_KP * k_padded}, "
+        raise ValueError(f"the pre-filter needs k > 2 and block_v ≥ {2 * PREFILTER_GROUPS_PER_KP * k_padded}, "
                          f"got k={k}, block_v={block}")
     use_prefilter = shape is not None and prefilter is not False
     groups, cap = shape if use_prefilter else (1, 1)

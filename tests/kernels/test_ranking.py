@@ -151,7 +151,7 @@ def test_bitonic_selection_matches_max_loop():
         assert torch.equal(a.cpu().nan_to_num(), b.cpu().nan_to_num())
 
 
-@pytest.mark.parametrize("k, vocab, block_v, bitonic", [(2, 300, 64, False), (3, 2000, 1024, False),
+@pytest.mark.parametrize("k, vocab, block_v, bitonic", [(3, 300, 64, False), (4, 2000, 1024, False),
                                                       (20, 700, 256, True), (64, 1500, 512, False)])
 def test_prefilter_selects_what_the_full_network_selects(k, vocab, block_v, bitonic):
     """The candidate pre-filter (threshold from strided group maxima, compaction) against the full
@@ -186,8 +186,8 @@ def test_prefilter_falls_back_when_candidates_overflow():
 
 def test_prefilter_refused_where_it_cannot_run():
     logits = torch.randn(1, 256)
-    with pytest.raises(ValueError, match="pre-filter needs k > 1"):
-        topk_rank_triton(logits.to(DEVICE), 1, None, block_v=256, prefilter=True)
+    with pytest.raises(ValueError, match="pre-filter needs k > 2"):
+        topk_rank_triton(logits.to(DEVICE), 2, None, block_v=256, prefilter=True)
     with pytest.raises(ValueError, match="block_v ≥ 512"):
         topk_rank_triton(logits.to(DEVICE), 64, None, block_v=256, prefilter=True)
 
