@@ -65,9 +65,9 @@ def test_attention_with_gpu_tiles(monkeypatch, arch, dim, dtype, padding, option
 
 @pytest.mark.parametrize("arch, dim", [(80, 128), (90, 64)])
 def test_attention_with_ieee_gpu_tiles(monkeypatch, arch, dim):
-    """The 16×16 tiles IEEE float32 uses on a GPU (the interpreter's dots are IEEE float32 anyway)."""
+    """The 16-wide tiles IEEE float32 uses on a GPU (the interpreter's dots are IEEE float32 anyway)."""
     tiles = use_gpu_tiles(monkeypatch, arch, attention_triton.block_d_of(dim), torch.float32, "ieee")
-    assert {(t.block_m, t.block_n) for t in tiles.values()} == {(16, 16)}
+    assert all(min(t.block_m, t.block_n) == 16 for t in tiles.values())
     tensors = make_case(24, 1, 1, 2, 40, 53, dim, torch.float32, "span", True)
     check_accuracy(*tensors, backend="triton", window=29, softcap=15.0)
     tensors = make_case(25, 1, 1, 1, 37, 37, dim, torch.float32, "span", False)
