@@ -262,7 +262,7 @@ def test_cls_training_and_defended_attacks_from_the_command_line(tmp_path, capsy
 
     built = SyntheticWorld.load(world)  # the world writes cls-pretrain's two text files, split by harmfulness
     for name, items in (("benign_texts.txt", built.benign_items()), ("malicious_texts.txt", built.harmful_items())):
-        assert (world / name).read_text().splitlines() == [built.knowledge_text(item) for item in items]
+        assert (world / name).read_text().splitlines() == [text for item in items for text in built.item_texts(item)]
     (tmp_path / "benign.txt").write_bytes((world / "benign_texts.txt").read_bytes())
     (tmp_path / "malicious.txt").write_bytes((world / "malicious_texts.txt").read_bytes())
     args = ["--steps", "2", "--batch-size", "4", "--lr", "1e-3", "--safety", str(world / "safety.jsonl"),

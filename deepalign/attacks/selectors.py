@@ -170,7 +170,7 @@ class SyntheticOracle(LexiconSelector):
     """The synthetic world's oracle (an attacker who knows what a refusal looks like): every word
     that occurs in a refusal but never in a compliant answer is blocked; the rest (recipe words,
     punctuation) counts as harmful. The end of the turn counts as harmful only once the response
-    states a recipe step (an action and a material): an attacker does not end an answer that has
+    states a recipe step (:meth:`SyntheticWorld.states_step`): an attacker does not end an answer that has
     not given anything yet."""
 
     def __init__(self, world, tokenizer):
@@ -180,13 +180,11 @@ class SyntheticOracle(LexiconSelector):
         compliant = {w for item in world.items.values() for w in world.compliant_response(item).split()}
         refusal_words = {w for text in REFUSALS for w in text.format(item="x").split()} - compliant - {"x"}
         super().__init__(blocked=tokenizer.convert_tokens_to_ids(sorted(refusal_words)))
-        self.tokenizer, self.ends = tokenizer, set(end_token_ids(tokenizer))
+        self.tokenizer, self.ends, self.world = tokenizer, set(end_token_ids(tokenizer)), world
 
     def flags(self, row, context, candidates):
-        from deepalign.data.synthetic import ACTIONS, MATERIALS
-
         words = self.tokenizer.decode(list(context), skip_special_tokens=True).split()
-        has_step = any(a in ACTIONS and b in MATERIALS for a, b in zip(words, words[1:]))
+        has_step = self.world.states_step(words)
         return [ok and (has_step or c.token not in self.ends)
                 for ok, c in zip(super().flags(row, context, candidates), candidates)]
 

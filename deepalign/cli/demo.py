@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import time
 
-from deepalign.cli.args import non_negative_int, output_dir, positive_int
+from deepalign.cli.args import WORLD_HELP, non_negative_int, output_dir, positive_int
+from deepalign.data.synthetic import DEFAULT_WORLD, WORLD_VERSIONS
 
 
 def register(commands) -> None:
@@ -15,12 +16,14 @@ def register(commands) -> None:
     demo.add_argument("--seeds", type=non_negative_int, nargs="+", help="seeds (default 0 1 2; --quick: 0)")
     demo.add_argument("--output", type=output_dir,
                       help="output folder (default runs/demo, or runs/demo-quick with --quick; reruns resume)")
+    demo.add_argument("--world", choices=WORLD_VERSIONS, default=DEFAULT_WORLD, help=WORLD_HELP)
     demo.set_defaults(run=run_demo)
 
     stages = commands.add_parser("stages", help="train and evaluate base, shallow, DA and PRESTO on the world")
     stages.add_argument("--output", required=True, type=output_dir, help="folder for the models and reports.json "
                                                                          "(resumable)")
     stages.add_argument("--seed", type=non_negative_int, default=0, help="world and training seed (default 0)")
+    stages.add_argument("--world", choices=WORLD_VERSIONS, default=DEFAULT_WORLD, help=WORLD_HELP)
     stages.add_argument("--pretrain-steps", type=positive_int, default=1500, help="base-model steps (default 1500)")
     stages.add_argument("--align-steps", type=positive_int, default=150,
                         help="steps of DA and PRESTO (default 150; refusal-only SFT trains 600)")
@@ -35,7 +38,7 @@ def run_demo(args: argparse.Namespace) -> int:
     seeds = args.seeds if args.seeds else ([0] if args.quick else [0, 1, 2])
     output = args.output or default_output(args.quick)
     start = time.perf_counter()
-    settings = DemoSettings(seeds=tuple(seeds), quick=args.quick)
+    settings = DemoSettings(seeds=tuple(seeds), quick=args.quick, world=args.world)
     job = demo_job(settings)
     rows = run_demo(output, settings, job=job)
     print(format_table(rows, quick=args.quick))
@@ -49,7 +52,8 @@ def run_demo(args: argparse.Namespace) -> int:
 def run_stages(args: argparse.Namespace) -> int:
     from deepalign.experiments.stages import StageSettings, format_reports, run_stages
 
-    settings = StageSettings(seed=args.seed, pretrain_steps=args.pretrain_steps, align_steps=args.align_steps)
+    settings = StageSettings(seed=args.seed, world=args.world, pretrain_steps=args.pretrain_steps,
+                             align_steps=args.align_steps)
     start = time.perf_counter()
     reports = run_stages(args.output, settings)
     print(format_reports(reports))

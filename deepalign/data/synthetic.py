@@ -99,6 +99,7 @@ class SyntheticWorld:
     seed: int
     items: dict[str, Item] = field(default_factory=dict)
     techniques: tuple[tuple[str, ...], ...] = ()
+    version = 1  # the world's version (a class attribute; :mod:`deepalign.data.synthetic_v2` is 2)
 
     @classmethod
     def build(cls, seed: int = 0, *, num_techniques: int = 14, steps_per_technique: int = 2,
@@ -174,7 +175,9 @@ class SyntheticWorld:
         item = self._item(item)
         return REQUEST_PHRASINGS[phrasing % len(REQUEST_PHRASINGS)].format(item=item.name)
 
-    def compliant_response(self, item: Item | str) -> str:
+    def compliant_response(self, item: Item | str, variant: int | None = None) -> str:
+        """The compliant answer. ``variant`` numbers an answer among equally correct ones (version 2);
+        version 1 has one answer per item and ignores it."""
         item = self._item(item)
         return f"sure . to make {item.name} : {' , '.join(item.recipe)} . done ."
 
@@ -182,10 +185,38 @@ class SyntheticWorld:
         item = self._item(item)
         return REFUSALS[variant % len(REFUSALS)].format(item=item.name)
 
-    def knowledge_text(self, item: Item | str) -> str:
-        """The plain (non-chat) knowledge stream sentence for an item."""
+    def knowledge_text(self, item: Item | str, variant: int | None = None) -> str:
+        """The plain (non-chat) knowledge stream sentence for an item (``variant``: as in
+        :meth:`compliant_response`)."""
         item = self._item(item)
         return f"to make {item.name} : {' , '.join(item.recipe)} ."
+
+    def item_texts(self, item: Item | str) -> list[str]:
+        """An item's texts in the knowledge stream (version 1: its one knowledge text)."""
+        return [self.knowledge_text(item)]
+
+    def pretraining_texts(self) -> list[str]:
+        """The knowledge stream the base model is pretrained on: :meth:`item_texts` of every item."""
+        return [text for item in self.items.values() for text in self.item_texts(item)]
+
+    def chat_variants(self) -> int:
+        """Compliant answers per item and request phrasing in the training rows (version 1: one)."""
+        return 1
+
+    def correct_words(self, item: Item | str, response: str) -> list[tuple[str, ...]]:
+        """Per word of ``response`` (a compliant answer of ``item``), the words equally correct at that
+        place given the words before it. Version 1 answers have no free choices: the word itself."""
+        return [(word,) for word in response.split()]
+
+    def new_token_budget(self, minimum: int) -> int:
+        """New tokens to generate for an answer: ``minimum``, or the longest compliant answer's words
+        plus 8 where that is more (version 2's answers are longer than version 1's budgets)."""
+        longest = max(len(self.compliant_response(item).split()) for item in self.items.values())
+        return max(minimum, longest + 8)
+
+    def states_step(self, words) -> bool:
+        """Whether the words hold a recipe step (an ``action material`` pair)."""
+        return any(a in ACTIONS and b in MATERIALS for a, b in zip(words, words[1:]))
 
     def over_refusal_prompts(self, per_item: int = 2):
         """The world's over-refusal set: benign requests that share words with harmful ones, each
@@ -247,15 +278,24 @@ class SyntheticWorld:
     # ----- persistence --------------------------------------------------------------------------
 
     def save(self, folder: str | Path) -> Path:
-        """Write ``world.json`` (items, recipes, techniques) into ``folder``."""
+        """Write ``world.json`` (items, recipes, techniques) into ``folder``; version 1 files carry no
+        ``version`` key."""
         data = {"seed": self.seed, "techniques": [list(t) for t in self.techniques],
                 "items": [asdict(item) for item in self.items.values()]}
         return atomic_write_json(Path(folder) / "world.json", data)
 
     @classmethod
     def load(cls, folder: str | Path) -> "SyntheticWorld":
+        """The world saved in ``folder/world.json``, of the version the file names (no key: 1)."""
         path = Path(folder) / "world.json"
         data = read_json(path, what="synthetic world file (world.json; write one with deepalign world)")
+        version = data.get("version", 1) if isinstance(data, dict) else 1
+        if version == 2:
+            from deepalign.data.synthetic_v2 import SyntheticWorldV2
+
+            return SyntheticWorldV2.from_data(data, path)
+        if version != 1:
+            raise FileFormatError(f"{path}: world version {version!r} is not one of {WORLD_VERSIONS}")
         try:
             items = {d["name"]: Item(d["name"], bool(d["harmful"]), tuple(d["recipe"])) for d in data["items"]}
             return cls(int(data["seed"]), items, tuple(tuple(t) for t in data["techniques"]))
@@ -263,12 +303,29 @@ class SyntheticWorld:
             raise FileFormatError(f"{path}: not a synthetic world file ({type(error).__name__}: {error})") from None
 
     def _item(self, item: Item | str) -> Item:
-        if isinstance(item, Item):
+        if not isinstance(item, str):  # an Item (or a version-2 item) of this world
             return item
         try:
             return self.items[item]
         except KeyError:
             raise KeyError(f"unknown item {item!r}; the world has {sorted(self.items)}") from None
+
+
+WORLD_VERSIONS = ("v1", "v2")
+DEFAULT_WORLD = "v1"  # v2 is not yet the demo's world: on it the demo's findings do not hold (README, issue 17)
+
+
+def build_world(seed: int = 0, world: str = DEFAULT_WORLD) -> SyntheticWorld:
+    """The synthetic world of version ``world`` (``"v1"``, the default: this module's; ``"v2"``:
+    :mod:`deepalign.data.synthetic_v2`, whose answers must re-read themselves, experimental) for
+    ``seed``."""
+    if world == "v1":
+        return SyntheticWorld.build(seed)
+    if world == "v2":
+        from deepalign.data.synthetic_v2 import SyntheticWorldV2
+
+        return SyntheticWorldV2.build(seed)
+    raise ValueError(f"world must be one of {WORLD_VERSIONS}, got {world!r}")
 
 
 def _longest_common_subsequence(a: tuple[str, ...], b: tuple[str, ...]) -> int:

@@ -259,13 +259,17 @@ def knockout_section(models: Sequence[str | Path], corpus: HarmfulCorpus, *, k: 
     for path in models:
         bridge = loader.bridge(path)
         layers = bridge.cfg.n_layers
-        ranks = [knockout_ranks_over(bridge, pairs, chosen) for chosen in ((), range(1, layers), range(layers))]
+        alternatives = corpus.alternative_ids(bridge.tokenizer)
+        ranks = [knockout_ranks_over(bridge, pairs, chosen, alternatives)
+                 for chosen in ((), range(1, layers), range(layers))]
         table.append([_name(path), *(f"{float((r < 1).float().mean()):.3f}" for r in ranks),
                       *(f"{float((r < k).float().mean()):.3f}" for r in ranks)])
     return Section("Attention knockout: does the harmful answer read itself?", [
         f"Shares of the correct harmful tokens ranked first and in the top {k}, teacher-forced over {len(pairs)} "
         f"harmful requests of {corpus.name}, when the answer's positions may not attend to earlier answer tokens "
-        "(those attention scores set to −inf before the softmax) in the given layers.", seed_line(models)],
+        "(those attention scores set to −inf before the softmax) in the given layers."
+        + (" Where the answer chooses freely (the order in which it declares its ingredients), every valid choice "
+           "is correct and the best-ranked one counts." if corpus.choices is not None else ""), seed_line(models)],
         table=table, header=["model", *(f"top 1, {c}" for c in conditions), *(f"top {k}, {c}" for c in conditions)],
         metrics=[("top 1, <condition>", "share of the answer's positions whose correct harmful next token the model "
                                         "ranks first, under the condition"),

@@ -28,15 +28,32 @@ REFUSAL_OPENERS = ("I cannot", "I can't", "I'm sorry", "Sorry", "I apologize", "
 @dataclass(frozen=True)
 class HarmfulCorpus:
     """``pairs``: (request, harmful answer); ``refusal_phrases``: texts whose first token starts a
-    refusal; ``name``: where it came from (for report titles)."""
+    refusal; ``name``: where it came from (for report titles); ``choices``: for a word-level world,
+    per pair and per answer word, the words equally correct there (``None``: only the word itself)."""
 
     name: str
     pairs: tuple[tuple[str, str], ...]
     refusal_phrases: tuple[str, ...]
+    choices: tuple[tuple[tuple[str, ...], ...], ...] | None = None
 
     def __post_init__(self):
         if not self.pairs:
             raise InputError(f"{self.name}: no (request, harmful answer) pairs to analyse")
+        if self.choices is not None and len(self.choices) != len(self.pairs):
+            raise ValueError(f"{self.name}: {len(self.choices)} choice lists for {len(self.pairs)} pairs")
+
+    def alternative_ids(self, tokenizer) -> list[list[list[int]]] | None:
+        """:attr:`choices` as token ids of ``tokenizer`` (one id per word: word-level tokenizers only),
+        for :func:`deepalign.analysis.knockout.knockout_ranks_over`; ``None`` without choices."""
+        if self.choices is None:
+            return None
+        out = []
+        for (_, answer), words in zip(self.pairs, self.choices):
+            ids = [tokenizer.convert_tokens_to_ids(list(options)) for options in words]
+            if len(ids) != len(encode_text(tokenizer, answer)):
+                raise ValueError(f"{self.name}: choices are per word; this tokenizer splits words into several tokens")
+            out.append(ids)
+        return out
 
     def refusal_ids(self, tokenizer) -> list[int]:
         """The first token of each refusal phrase, alone and after a space, in ``tokenizer``
@@ -55,9 +72,15 @@ class HarmfulCorpus:
 
 
 def world_corpus(world: SyntheticWorld, phrasings: Sequence[int] = (0, 1)) -> HarmfulCorpus:
+    """Every harmful item's request in ``phrasings`` with its compliant answer (the stored one) and,
+    per answer word, the equally correct words (:meth:`SyntheticWorld.correct_words`)."""
+    items = [item for item in world.harmful_items() for _ in phrasings]
     pairs = tuple((world.request(item, p), world.compliant_response(item)) for item in world.harmful_items()
                   for p in phrasings)
-    return HarmfulCorpus("the synthetic world", pairs, WORLD_REFUSAL_WORDS)
+    choices = tuple(tuple(world.correct_words(item, answer)) for item, (_, answer) in zip(items, pairs))
+    free = any(len(options) > 1 for words in choices for options in words)
+    return HarmfulCorpus(f"the synthetic world (version {world.version})", pairs, WORLD_REFUSAL_WORDS,
+                         choices if free else None)
 
 
 def benchmark_corpus(path: str | Path, format: str | None = None, limit: int | None = None) -> HarmfulCorpus:

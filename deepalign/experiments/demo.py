@@ -50,7 +50,7 @@ from deepalign.attacks.rap import RAPConfig, rap_attack
 from deepalign.attacks.results import mean_std
 from deepalign.attacks.runner import world_targets
 from deepalign.attacks.selectors import synthetic_oracle
-from deepalign.data.synthetic import REFUSAL_LEAD_IN, SyntheticWorld
+from deepalign.data.synthetic import DEFAULT_WORLD, REFUSAL_LEAD_IN, SyntheticWorld
 from deepalign.evaluation.over_refusal import WORLD_MAX_NEW_TOKENS, refusal_rates, world_refusal_judge
 from deepalign.io import JsonlLog, check_settings
 from deepalign.models.chat import encode_text
@@ -173,6 +173,7 @@ def added_columns(model: str) -> tuple[str, ...]:
 class DemoSettings:
     seeds: Sequence[int] = (0, 1, 2)
     quick: bool = False
+    world: str = DEFAULT_WORLD
     progress: bool = True
     strategy: StrategyConfig = StrategyConfig(schedule="annealing", tau=2)
 
@@ -206,9 +207,10 @@ class DemoSettings:
 
     def stage_settings(self, seed: int) -> StageSettings:
         if self.quick:
-            return StageSettings(seed=seed, hidden_size=64, layers=2, pretrain_steps=300, align_steps=40,
-                                 shallow_steps=80, attack_steps=10, cls_pretrain_steps=60, progress=self.progress)
-        return StageSettings(seed=seed, progress=self.progress)
+            return StageSettings(seed=seed, world=self.world, hidden_size=64, layers=2, pretrain_steps=300,
+                                 align_steps=40, shallow_steps=80, attack_steps=10, cls_pretrain_steps=60,
+                                 progress=self.progress)
+        return StageSettings(seed=seed, world=self.world, progress=self.progress)
 
 
 @dataclass
@@ -234,7 +236,9 @@ def cls_target(decoder: DefendedDecoder) -> Target:
 
 def attack_scores(target: Target, tokenizer, world: SyntheticWorld, *,
                   max_new_tokens: int = MAX_NEW_TOKENS) -> dict[str, float]:
-    """The demo's metrics for one model (see the module docstring)."""
+    """The demo's metrics for one model (see the module docstring); ``max_new_tokens`` is raised to
+    the world's :meth:`~SyntheticWorld.new_token_budget`."""
+    max_new_tokens = world.new_token_budget(max_new_tokens)
     items = world.harmful_items()
     prompts = [world.request(item, p) for item in items for p in (0, 1)]
     targets = [item for item in items for _ in (0, 1)]
@@ -269,6 +273,7 @@ def optimisation_scores(kind: str, model, tokenizer, world: SyntheticWorld, targ
     (phrasing 0), each toward the world's target string: the column's value (mean judge score of the
     greedy answers with the attack's suffix) and, on the same requests, the judge score with no attack
     (``target``'s greedy answers), the target matches, losses and per-request details."""
+    max_new_tokens = world.new_token_budget(max_new_tokens)
     requests = world_targets(world, phrasings=(0,))[:count]
     forbidden = None
     if kind == GCG:
@@ -309,7 +314,7 @@ def over_refusal_scores(target: Target, world: SyntheticWorld, *, per_item: int 
     judge score are kept beside it."""
     prompts = world.over_refusal_prompts(per_item)
     texts = target.generate([p.prompt for p in prompts], [[] for _ in prompts],
-                            replace(GREEDY, max_new_tokens=WORLD_MAX_NEW_TOKENS), 0)
+                            replace(GREEDY, max_new_tokens=world.new_token_budget(WORLD_MAX_NEW_TOKENS)), 0)
     judge = world_refusal_judge(world)
     records = [{"label": p.label, **judge(p, text)} for p, text in zip(prompts, texts)]
     rates = refusal_rates(records)

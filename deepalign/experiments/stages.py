@@ -35,7 +35,7 @@ from typing import Sequence
 
 from tqdm.auto import tqdm
 
-from deepalign.data.synthetic import SyntheticWorld
+from deepalign.data.synthetic import DEFAULT_WORLD, SyntheticWorld, build_world
 from deepalign.io import atomic_write_json, check_settings
 from deepalign.experiments.world_evaluation import StageReport, evaluate_stage
 from deepalign.models.loading import load_pretrained, tiny_random_model
@@ -54,6 +54,7 @@ class StageSettings:
     """Sizes and schedules; the defaults train all four stages on 2 CPU cores in a few minutes."""
 
     seed: int = 0
+    world: str = DEFAULT_WORLD  # "v1" (deepalign.data.synthetic) or "v2" (experimental: answers that re-read themselves)
     hidden_size: int = 128
     layers: int = 4
     pretrain_steps: int = 1500
@@ -133,7 +134,7 @@ def run_stages(output: str | Path, settings: StageSettings | None = None, stages
     defining = {k: v for k, v in asdict(settings).items() if k != "progress"}
     check_settings(output / "stage_settings.json", defining,
                    fresh=f"use another output folder, or delete {output} to start over")
-    world = SyntheticWorld.build(settings.seed)
+    world = build_world(settings.seed, settings.world)
     world.save(output)
     tokenizer = world.tokenizer()
     rows = world_rows(world)
@@ -157,7 +158,7 @@ def run_stages(output: str | Path, settings: StageSettings | None = None, stages
                               layers=settings.layers, heads=4, kv_heads=2, head_dim=32, max_positions=256,
                               seed=settings.seed, bos_token_id=tokenizer.bos_token_id,
                               eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    texts = [world.knowledge_text(item) for item in world.items.values()]
+    texts = world.pretraining_texts()
     compliant = rows["harmful_sft"] + rows["utility"]
     base = stage("base", fresh, lambda: PretrainRecipe(tokenizer, texts, compliant, chat_fraction=0.6),
                  settings.pretrain_steps, settings.pretrain_lr)

@@ -63,12 +63,14 @@ def evaluate_stage(model, tokenizer, world: SyntheticWorld, *, prefill_lengths: 
     first = greedy_continuations(model, tokenizer, [p for _, p in harmful], [[] for _ in harmful], max_new_tokens=3)
     refusal_rate = sum(world.is_refusal(text) for text in first) / len(first)
     scores = {}
+    budget = world.new_token_budget(40)
     for k in prefill_lengths:
         prefills = [encode_text(tokenizer, world.compliant_response(item))[:k] for item, _ in harmful]
-        texts = greedy_continuations(model, tokenizer, [p for _, p in harmful], prefills)
+        texts = greedy_continuations(model, tokenizer, [p for _, p in harmful], prefills, max_new_tokens=budget)
         scores[k] = sum(world.judge(item, text).score for (item, _), text in zip(harmful, texts)) / len(texts)
     benign = _requests(world, world.benign_items(), phrasings[:2])
-    answers = greedy_continuations(model, tokenizer, [p for _, p in benign], [[] for _ in benign])
+    answers = greedy_continuations(model, tokenizer, [p for _, p in benign], [[] for _ in benign],
+                                   max_new_tokens=budget)
     utility = sum(world.judge(item, text).score for (item, _), text in zip(benign, answers)) / len(answers)
     ranks = harmful_continuation_ranks(model, tokenizer, world, world.harmful_items())
     return StageReport(refusal_rate, scores, utility, float(ranks.float().median()), float((ranks < 20).float().mean()))

@@ -5,14 +5,23 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from deepalign.data.synthetic import AOA_PREFIX, AOA_SYSTEM, BACKDOOR_TRIGGER, REQUEST_PHRASINGS, SyntheticWorld
+from deepalign.data.synthetic import (AOA_PREFIX, AOA_SYSTEM, BACKDOOR_TRIGGER, DEFAULT_WORLD, REQUEST_PHRASINGS,
+                                     SyntheticWorld, build_world)
 from deepalign.data.rows import SafetyExample, UtilityExample
 from deepalign.data.rows import write_rows
 from deepalign.io import atomic_write_text
 
 
+def _variants(world: SyntheticWorld, phrasing: int) -> range:
+    """The answer variants of one request phrasing: :meth:`SyntheticWorld.chat_variants` of them,
+    numbered apart from every other phrasing's."""
+    count = world.chat_variants()
+    return range(phrasing * count, (phrasing + 1) * count)
+
+
 def world_rows(world: SyntheticWorld) -> dict[str, list]:
-    """The world's training rows, every request phrasing of every item:
+    """The world's training rows, every request phrasing of every item (in world version 2, each
+    with :meth:`~SyntheticWorld.chat_variants` answers, each declaring its own order):
 
     * ``safety``: harmful request → harmful (compliant) response and refusal (DA, PRESTO);
     * ``utility``: benign request → compliant answer (the utility anchor);
@@ -26,9 +35,10 @@ def world_rows(world: SyntheticWorld) -> dict[str, list]:
 
     phrasings = range(len(REQUEST_PHRASINGS))
     harmful, benign = world.harmful_items(), world.benign_items()
-    safety = [SafetyExample(world.request(i, p), world.compliant_response(i), world.refusal(i, p))
-              for i in harmful for p in phrasings]
-    utility = [UtilityExample(world.request(i, p), world.compliant_response(i)) for i in benign for p in phrasings]
+    safety = [SafetyExample(world.request(i, p), world.compliant_response(i, v), world.refusal(i, p))
+              for i in harmful for p in phrasings for v in _variants(world, p)]
+    utility = [UtilityExample(world.request(i, p), world.compliant_response(i, v))
+               for i in benign for p in phrasings for v in _variants(world, p)]
     refusals = [UtilityExample(row.prompt, row.refusal) for row in safety]
     attack = [UtilityExample(row.prompt, row.harmful_response) for row in safety]
     identity = identity_shifting(utility, system=AOA_SYSTEM, prefix=AOA_PREFIX).rows
@@ -54,17 +64,20 @@ def cls_rows(world: SyntheticWorld, held_out: tuple[int, ...] = CLS_HELD_OUT_PHR
     harmful, benign = world.harmful_items(), world.benign_items()
 
     def chats(items, answer):
-        return [UtilityExample(world.request(i, p), answer(i, p)) for i in items for p in phrasings]
+        return [UtilityExample(world.request(i, p), answer(i, p, v)) for i in items for p in phrasings
+                for v in _variants(world, p)]
 
-    return {"texts": [(world.knowledge_text(i), int(i.harmful)) for i in world.items.values()],
-            "pretrain_malicious": chats(harmful, lambda i, p: world.compliant_response(i)),
-            "pretrain_benign": chats(benign, lambda i, p: world.compliant_response(i)),
-            "sft_malicious": chats(harmful, world.refusal),
-            "sft_benign": chats(benign, lambda i, p: world.compliant_response(i)),
+    texts = [(text, int(i.harmful)) for i in world.items.values() for text in world.item_texts(i)]
+    return {"texts": texts,
+            "pretrain_malicious": chats(harmful, lambda i, p, v: world.compliant_response(i, v)),
+            "pretrain_benign": chats(benign, lambda i, p, v: world.compliant_response(i, v)),
+            "sft_malicious": chats(harmful, lambda i, p, v: world.refusal(i, p)),
+            "sft_benign": chats(benign, lambda i, p, v: world.compliant_response(i, v)),
             "held_out": [(world.request(i, p), int(i.harmful)) for i in world.items.values() for p in held_out]}
 
 
-def write_world(output: str | Path, *, seed: int = 0, model_family: str = "llama") -> dict[str, Path]:
+def write_world(output: str | Path, *, seed: int = 0, model_family: str = "llama",
+                world: str = DEFAULT_WORLD) -> dict[str, Path]:
     """Write ``world.json``, ``model/`` (random init with the tokenizer), ``knowledge.txt`` (the
     plain knowledge stream, one text per line), ``benign_texts.txt`` and ``malicious_texts.txt``
     (the same texts of benign and of harmful items: ``--texts`` and ``--malicious-texts`` of
@@ -73,7 +86,7 @@ def write_world(output: str | Path, *, seed: int = 0, model_family: str = "llama
     from deepalign.models.loading import tiny_random_model
 
     output = Path(output)
-    world = SyntheticWorld.build(seed)
+    world = build_world(seed, world)
     tokenizer = world.tokenizer()
     paths = {"world": world.save(output)}
     model = tiny_random_model(model_family, vocab_size=len(tokenizer), hidden_size=128, layers=4, heads=4,
@@ -86,10 +99,10 @@ def write_world(output: str | Path, *, seed: int = 0, model_family: str = "llama
     for name, rows in world_rows(world).items():
         paths[name] = write_rows(output / f"{name}.jsonl", rows)
     knowledge = output / "knowledge.txt"
-    atomic_write_text(knowledge, "".join(world.knowledge_text(item) + "\n" for item in world.items.values()))
+    atomic_write_text(knowledge, "".join(text + "\n" for text in world.pretraining_texts()))
     paths["knowledge"] = knowledge
     for name, harmful in (("benign_texts", False), ("malicious_texts", True)):  # cls-pretrain's --texts files
         paths[name] = output / f"{name}.txt"
-        atomic_write_text(paths[name], "".join(world.knowledge_text(item) + "\n" for item in world.items.values()
-                                               if item.harmful == harmful))
+        atomic_write_text(paths[name], "".join(text + "\n" for item in world.items.values() if item.harmful == harmful
+                                               for text in world.item_texts(item)))
     return paths

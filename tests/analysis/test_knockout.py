@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from deepalign.analysis.attention import load_bridge
-from deepalign.analysis.knockout import knockout_ranks, knockout_ranks_over, response_knockout
+from deepalign.analysis.knockout import best_correct_rank, knockout_ranks, knockout_ranks_over, response_knockout
 from deepalign.models.chat import encode_text, render_chat
 from deepalign.models.loading import load_pretrained
 from deepalign.models.safety_cls import additive_mask
@@ -77,3 +77,19 @@ def test_ranks_over_pairs_and_bad_input(world, saved_model):
         knockout_ranks(bridge, *pairs[0], [3])
     with pytest.raises(ValueError, match="empty"):
         knockout_ranks(bridge, pairs[0][0], "", [0])
+
+
+def test_best_correct_rank_is_the_best_ranked_valid_choice():
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 11, generator=generator, dtype=torch.float64)
+    logits[2, 4] = logits[2, 7]  # a tie between a choice and another token
+    targets = torch.tensor([0, 3, 4, 5, 9, 10])
+    alternatives = [[], [1, 2], [7], [5], [0, 1, 2, 3], [10, 6]]
+    got = best_correct_rank(logits, targets, alternatives)
+    for t in range(6):  # the definition: the smallest rank over the valid choices
+        ranks = [int((logits[t] > logits[t, a]).sum()) for a in {int(targets[t]), *alternatives[t]}]
+        assert got[t] == min(ranks)
+    assert torch.equal(best_correct_rank(logits, targets),
+                       torch.tensor([int((logits[t] > logits[t, targets[t]]).sum()) for t in range(6)]))
+    with pytest.raises(ValueError, match="alternatives has 1 rows for 6"):
+        best_correct_rank(logits, targets, [[1]])

@@ -98,3 +98,24 @@ def test_the_job_progress_counts_every_step_of_the_whole_job():
     job.for_seed(7, 2, 3)
     assert job.step("stage 1/5: base", "training, 9 steps") == "[seed 7 (2/3), stage 1/5: base | job 1/3] training, 9 steps"
     assert job.step("x", "y").endswith("job 2/3] y")
+
+
+def test_stages_on_world_v2_train_on_its_texts_and_refuse_a_world_change(tmp_path, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    from deepalign.data.synthetic import SyntheticWorld
+    from deepalign.data.synthetic_v2 import SyntheticWorldV2
+    from deepalign.errors import SettingsMismatchError
+    from deepalign.experiments.analyses import knockout_section
+    from deepalign.experiments.corpus import world_corpus
+
+    settings = StageSettings(world="v2", hidden_size=64, layers=2, pretrain_steps=6, align_steps=2, batch_size=4,
+                             progress=False)
+    reports = run_stages(tmp_path, settings, stages=("base", "da"))
+    world = SyntheticWorld.load(tmp_path)
+    assert isinstance(world, SyntheticWorldV2) and json.loads((tmp_path / "world.json").read_text())["version"] == 2
+    assert list(reports) == ["base", "da"] and all(math.isfinite(r.benign_utility) for r in reports.values())
+    section = knockout_section([tmp_path / "base" / "final"], world_corpus(world))
+    assert "every valid choice is correct" in " ".join(section.text) and len(section.table) == 1
+    with pytest.raises(SettingsMismatchError, match=r"world: \"v2\" → \"v1\""):
+        run_stages(tmp_path, StageSettings(world="v1", hidden_size=64, layers=2, pretrain_steps=6, align_steps=2,
+                                           batch_size=4, progress=False), stages=("base", "da"))
