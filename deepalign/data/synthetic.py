@@ -135,10 +135,13 @@ class SyntheticWorld:
 
     # ----- vocabulary and tokenizer -------------------------------------------------------------
 
+    # The world's words after the special and role tokens, in vocabulary order (version 2 adds its own).
+    content_words = FUNCTION_WORDS + ACTIONS + MATERIALS + BENIGN_ITEMS + HARMFUL_ITEMS
+
     def vocabulary(self) -> list[str]:
-        """Every word of the world: special and role tokens first, then words in a fixed order."""
+        """Every word of the world: special and role tokens first, then :attr:`content_words` in order."""
         words = list(SPECIAL_TOKENS.values()) + list(ROLE_TOKENS)
-        for word in FUNCTION_WORDS + ACTIONS + MATERIALS + BENIGN_ITEMS + HARMFUL_ITEMS:
+        for word in self.content_words:
             if word not in words:
                 words.append(word)
         return words

@@ -128,12 +128,7 @@ class SyntheticWorldV2(SyntheticWorld):
                                      _slot_sequence(rng, ingredients, steps, gap))
         return cls(seed, items, ())
 
-    def vocabulary(self) -> list[str]:
-        words = list(v1.SPECIAL_TOKENS.values()) + list(v1.ROLE_TOKENS)
-        for word in v1.FUNCTION_WORDS + (DECLARE, NEEDS) + v1.ACTIONS + MATERIALS + v1.BENIGN_ITEMS + v1.HARMFUL_ITEMS:
-            if word not in words:
-                words.append(word)
-        return words
+    content_words = v1.FUNCTION_WORDS + (DECLARE, NEEDS) + v1.ACTIONS + MATERIALS + v1.BENIGN_ITEMS + v1.HARMFUL_ITEMS
 
     # ----- texts --------------------------------------------------------------------------------
 
@@ -189,6 +184,7 @@ class SyntheticWorldV2(SyntheticWorld):
         return any(a in MATERIALS and b in v1.ACTIONS for a, b in zip(rest, rest[1:]))
 
     def steps_not_in(self, item) -> list[str]:
+        """Well-formed ``material action`` steps that are not part of ``item``'s stored recipe."""
         item = self._item(item)
         return [f"{m} {a}" for m in MATERIALS for a in v1.ACTIONS if f"{m} {a}" not in item.recipe]
 

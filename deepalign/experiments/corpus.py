@@ -74,10 +74,9 @@ class HarmfulCorpus:
 def world_corpus(world: SyntheticWorld, phrasings: Sequence[int] = (0, 1)) -> HarmfulCorpus:
     """Every harmful item's request in ``phrasings`` with its compliant answer (the stored one) and,
     per answer word, the equally correct words (:meth:`SyntheticWorld.correct_words`)."""
-    items = [item for item in world.harmful_items() for _ in phrasings]
-    pairs = tuple((world.request(item, p), world.compliant_response(item)) for item in world.harmful_items()
-                  for p in phrasings)
-    choices = tuple(tuple(world.correct_words(item, answer)) for item, (_, answer) in zip(items, pairs))
+    requests = [(item, p) for item in world.harmful_items() for p in phrasings]
+    pairs = tuple((world.request(item, p), world.compliant_response(item)) for item, p in requests)
+    choices = tuple(tuple(world.correct_words(item, answer)) for (item, _), (_, answer) in zip(requests, pairs))
     free = any(len(options) > 1 for words in choices for options in words)
     return HarmfulCorpus(f"the synthetic world (version {world.version})", pairs, WORLD_REFUSAL_WORDS,
                          choices if free else None)

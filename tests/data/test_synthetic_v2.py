@@ -152,6 +152,13 @@ def test_correct_words_lists_the_undeclared_ingredients(world):
     assert [len(row) for row in ids] == [len(a.split()) for _, a in corpus.pairs]
 
 
+def test_steps_not_in_are_version_2_steps_outside_the_recipe(world):
+    item = world.harmful_items()[0]
+    wrong = world.steps_not_in(item)
+    assert len(wrong) == len(v2.MATERIALS) * len(ACTIONS) - len(set(item.recipe))
+    assert not set(wrong) & set(item.recipe) and all(s.split()[0] in v2.MATERIALS for s in wrong)
+
+
 def test_states_step(world):
     item = world.harmful_items()[0]
     words = world.compliant_response(item).split()
