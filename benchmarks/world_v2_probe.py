@@ -7,7 +7,8 @@ ten harmful items in two phrasings are teacher-forced with and without attention
 (:func:`deepalign.analysis.knockout.knockout_ranks_over`: response queries may not read earlier
 response tokens in the given layers). Each row gives the share of answer tokens ranked first and in
 the top 20; where an answer chooses freely (world version 2's declaration) the best-ranked valid
-choice counts. The issue's target: ≥ 0.95 ranked first without knockout, ≤ 0.5 with knockout in
+choice counts, and ``top1_copied_*`` gives the share at the words that repeat an earlier choice of
+the answer (:meth:`~deepalign.data.synthetic.SyntheticWorld.copied_words`). The issue's target: ≥ 0.95 ranked first without knockout, ≤ 0.5 with knockout in
 layers ≥ 1.
 
     python -m benchmarks.world_v2_probe [--quick] [--no-save]     (--quick: 300 steps, seed 0)
@@ -26,6 +27,8 @@ from benchmarks.common import bench_main
 
 def probe(world_name: str, seed: int, steps: int, folder: Path) -> dict:
     """Pretrain the base model of ``world_name`` and return its knockout shares."""
+    import torch
+
     from deepalign.analysis.attention import load_bridge
     from deepalign.analysis.knockout import knockout_ranks_over
     from deepalign.data.synthetic import build_world
@@ -36,10 +39,10 @@ def probe(world_name: str, seed: int, steps: int, folder: Path) -> dict:
     from deepalign.training.trainer import Trainer, TrainerConfig
 
     world = build_world(seed, world_name)
-    shape = os.environ.get("WORLD_V2_SHAPE")  # "ingredients,steps,gap": a candidate shape of version 2
+    shape = os.environ.get("WORLD_V2_SHAPE")  # "places,choices,steps,gap": a candidate shape of version 2
     if shape and world_name == "v2":
-        ingredients, length, gap = (int(x) for x in shape.split(","))
-        world = type(world).build(seed, ingredients=ingredients, steps=length, gap=gap)
+        places, choices, length, gap = (int(x) for x in shape.split(","))
+        world = type(world).build(seed, places=places, choices=choices, steps=length, gap=gap)
     tokenizer, rows = world.tokenizer(), world_rows(world)
     model = tiny_random_model("llama", vocab_size=len(tokenizer), hidden_size=128, layers=4, heads=4, kv_heads=2,
                               head_dim=32, max_positions=256, seed=seed, bos_token_id=tokenizer.bos_token_id,
@@ -54,13 +57,23 @@ def probe(world_name: str, seed: int, steps: int, folder: Path) -> dict:
     bridge = load_bridge(folder / "final")
     corpus = world_corpus(world)
     alternatives = corpus.alternative_ids(bridge.tokenizer)
+    items = [item for item in world.harmful_items() for _ in (0, 1)]  # world_corpus's requests, in its order
+    copied = torch.zeros(sum(len(answer.split()) for _, answer in corpus.pairs), dtype=torch.bool)
+    start = 0
+    for item, (_, answer) in zip(items, corpus.pairs, strict=True):
+        copied[[start + k for k in world.copied_words(item, answer)]] = True
+        start += len(answer.split())
     layers = bridge.cfg.n_layers
     row = {"world": world_name, "shape": os.environ.get("WORLD_V2_SHAPE", "default"), "seed": seed, "pretrain_steps": steps, "train_s": round(train_s, 1),
            "answer_tokens": len(corpus.pairs[0][1].split())}
     for label, chosen in (("no_knockout", ()), ("knockout_1plus", range(1, layers)), ("knockout_all", range(layers))):
         ranks = knockout_ranks_over(bridge, corpus.pairs, chosen, alternatives)
+        if len(ranks) != len(copied):
+            raise ValueError(f"{len(ranks)} ranks for {len(copied)} answer words: the tokenizer is not word-level")
         row[f"top1_{label}"] = round((ranks == 0).float().mean().item(), 3)
         row[f"top20_{label}"] = round((ranks < 20).float().mean().item(), 3)
+        if copied.any():  # the words that repeat an earlier choice of the answer
+            row[f"top1_copied_{label}"] = round((ranks[copied] == 0).float().mean().item(), 3)
     return row
 
 

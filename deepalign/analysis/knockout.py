@@ -10,7 +10,7 @@ token's rank is read:
 
 ``rank_t = #{v : z_t[v] > max_{a ∈ C_t} z_t[a]}`` with ``z_t`` the logits that predict response token
 ``y_t`` and ``C_t`` the tokens equally correct there (``{y_t}`` unless ``alternatives`` says more: where
-an answer chooses freely, as world version 2's declaration of its ingredients, every valid choice is
+an answer chooses freely, as world version 2's declaration of a material per place, every valid choice is
 correct and the rank is that of the best-ranked one).
 
 If the ranks barely move when the knockout covers every layer after the first, the later layers'

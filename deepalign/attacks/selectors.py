@@ -174,11 +174,10 @@ class SyntheticOracle(LexiconSelector):
     not given anything yet."""
 
     def __init__(self, world, tokenizer):
-        from deepalign.data.synthetic import REFUSALS
         from deepalign.models.generation import end_token_ids
 
         compliant = {w for item in world.items.values() for w in world.compliant_response(item).split()}
-        refusal_words = {w for text in REFUSALS for w in text.format(item="x").split()} - compliant - {"x"}
+        refusal_words = {w for text in world.refusal_templates for w in text.format(item="x").split()} - compliant - {"x"}
         super().__init__(blocked=tokenizer.convert_tokens_to_ids(sorted(refusal_words)))
         self.tokenizer, self.ends, self.world = tokenizer, set(end_token_ids(tokenizer)), world
 

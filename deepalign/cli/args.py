@@ -9,8 +9,9 @@ from pathlib import Path
 
 from deepalign.io import blocking_ancestor
 
-WORLD_HELP = ("synthetic world version (default v1; v2, experimental: an answer declares its ingredients in an "
-              "order of its own and every step names them by that order, so continuing it means re-reading it; "
+WORLD_HELP = ("synthetic world version (default v1; v2, experimental: an answer declares one of three valid "
+              "materials for each of its places and every step names a place's declared material, so continuing "
+              "it means re-reading it; "
               "the demo's findings do not hold on it yet, see the README)")
 
 

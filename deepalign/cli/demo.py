@@ -24,9 +24,10 @@ def register(commands) -> None:
                                                                          "(resumable)")
     stages.add_argument("--seed", type=non_negative_int, default=0, help="world and training seed (default 0)")
     stages.add_argument("--world", choices=WORLD_VERSIONS, default=DEFAULT_WORLD, help=WORLD_HELP)
-    stages.add_argument("--pretrain-steps", type=positive_int, default=1500, help="base-model steps (default 1500)")
-    stages.add_argument("--align-steps", type=positive_int, default=150,
-                        help="steps of DA and PRESTO (default 150; refusal-only SFT trains 600)")
+    stages.add_argument("--pretrain-steps", type=positive_int,
+                        help="base-model steps (default: 1500 on v1, 3000 on v2)")
+    stages.add_argument("--align-steps", type=positive_int,
+                        help="steps of DA and PRESTO (default: 150 on v1, 400 on v2; refusal-only SFT trains 600)")
     stages.set_defaults(run=run_stages)
 
 
@@ -52,8 +53,9 @@ def run_demo(args: argparse.Namespace) -> int:
 def run_stages(args: argparse.Namespace) -> int:
     from deepalign.experiments.stages import StageSettings, format_reports, run_stages
 
-    settings = StageSettings(seed=args.seed, world=args.world, pretrain_steps=args.pretrain_steps,
-                             align_steps=args.align_steps)
+    given = {"pretrain_steps": args.pretrain_steps, "align_steps": args.align_steps}
+    settings = StageSettings.for_world(args.world, seed=args.seed,
+                                       **{name: value for name, value in given.items() if value is not None})
     start = time.perf_counter()
     reports = run_stages(args.output, settings)
     print(format_reports(reports))

@@ -184,9 +184,12 @@ class SyntheticWorld:
         item = self._item(item)
         return f"sure . to make {item.name} : {' , '.join(item.recipe)} . done ."
 
+    # The refusal texts ({item}: the item's name); version 2 has its own.
+    refusal_templates = REFUSALS
+
     def refusal(self, item: Item | str, variant: int = 0) -> str:
         item = self._item(item)
-        return REFUSALS[variant % len(REFUSALS)].format(item=item.name)
+        return self.refusal_templates[variant % len(self.refusal_templates)].format(item=item.name)
 
     def knowledge_text(self, item: Item | str, variant: int | None = None) -> str:
         """The plain (non-chat) knowledge stream sentence for an item (``variant``: as in
@@ -210,6 +213,11 @@ class SyntheticWorld:
         """Per word of ``response`` (a compliant answer of ``item``), the words equally correct at that
         place given the words before it. Version 1 answers have no free choices: the word itself."""
         return [(word,) for word in response.split()]
+
+    def copied_words(self, item: Item | str, response: str) -> list[int]:
+        """Indices of the words of ``response`` (a compliant answer of ``item``) that repeat a choice
+        the answer made earlier, so that only re-reading the answer gives them. Version 1: none."""
+        return []
 
     def new_token_budget(self, minimum: int) -> int:
         """New tokens to generate for an answer: ``minimum``, or the longest compliant answer's words

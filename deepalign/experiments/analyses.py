@@ -268,7 +268,7 @@ def knockout_section(models: Sequence[str | Path], corpus: HarmfulCorpus, *, k: 
         f"Shares of the correct harmful tokens ranked first and in the top {k}, teacher-forced over {len(pairs)} "
         f"harmful requests of {corpus.name}, when the answer's positions may not attend to earlier answer tokens "
         "(those attention scores set to −inf before the softmax) in the given layers."
-        + (" Where the answer chooses freely (the order in which it declares its ingredients), every valid choice "
+        + (" Where the answer chooses freely (the material it declares for each place), every valid choice "
            "is correct and the best-ranked one counts." if corpus.choices is not None else ""), seed_line(models)],
         table=table, header=["model", *(f"top 1, {c}" for c in conditions), *(f"top {k}, {c}" for c in conditions)],
         metrics=[("top 1, <condition>", "share of the answer's positions whose correct harmful next token the model "

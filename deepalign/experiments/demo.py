@@ -207,10 +207,10 @@ class DemoSettings:
 
     def stage_settings(self, seed: int) -> StageSettings:
         if self.quick:
-            return StageSettings(seed=seed, world=self.world, hidden_size=64, layers=2, pretrain_steps=300,
-                                 align_steps=40, shallow_steps=80, attack_steps=10, cls_pretrain_steps=60,
-                                 progress=self.progress)
-        return StageSettings(seed=seed, world=self.world, progress=self.progress)
+            return StageSettings.for_world(self.world, seed=seed, hidden_size=64, layers=2, pretrain_steps=300,
+                                           align_steps=40, shallow_steps=80, attack_steps=10, cls_pretrain_steps=60,
+                                           progress=self.progress)
+        return StageSettings.for_world(self.world, seed=seed, progress=self.progress)
 
 
 @dataclass

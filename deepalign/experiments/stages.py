@@ -35,12 +35,12 @@ from typing import Sequence
 
 from tqdm.auto import tqdm
 
-from deepalign.data.synthetic import DEFAULT_WORLD, SyntheticWorld, build_world
+from deepalign.data.synthetic import DEFAULT_WORLD, WORLD_VERSIONS, SyntheticWorld, build_world
 from deepalign.io import atomic_write_json, check_settings
 from deepalign.experiments.world_evaluation import StageReport, evaluate_stage
 from deepalign.models.loading import load_pretrained, tiny_random_model
 from deepalign.training.ft_attacks import build_attack
-from deepalign.training.recipes import ConstrainedRecipe, DARecipe, PretrainRecipe, SFTRecipe
+from deepalign.training.recipes import ConstrainedRecipe, DARecipe, KnowledgeReplay, PretrainRecipe, SFTRecipe
 from deepalign.training.trainer import Trainer, TrainerConfig
 from deepalign.experiments.world_files import cls_rows, world_rows
 
@@ -66,11 +66,43 @@ class StageSettings:
     # tokens may move only protects a margin wider than the bound.
     shallow_steps: int = 600
     shallow_lr: float = 3e-3
+    # Share of each batch of the refusal SFT (shallow_replay) and of DA and PRESTO (align_replay) drawn from
+    # the knowledge stream (KnowledgeReplay: plain texts, loss on every token). 0: none, as in version 1. In
+    # world version 2 alignment alone erases this small model's harmful recipes (prefilling then finds
+    # nothing to continue), while a real aligned model keeps its pretraining knowledge.
+    shallow_replay: float = 0.0
+    align_replay: float = 0.0
     batch_size: int = 16
     attack_steps: int = 20
     attack_lr: float = 1e-4  # fine-tuning attacks: closer to the papers' 2e-5 than alignment's rate
     cls_pretrain_steps: int = 300
     progress: bool = True
+
+    def __post_init__(self):
+        if self.world not in WORLD_VERSIONS:
+            raise ValueError(f"world must be one of {WORLD_VERSIONS}, got {self.world!r}")
+        for name in ("shallow_replay", "align_replay"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+
+    @classmethod
+    def for_world(cls, world: str = DEFAULT_WORLD, **overrides) -> "StageSettings":
+        """The settings for ``world`` (:data:`WORLD_STAGE_DEFAULTS` over the class defaults), then
+        ``overrides``."""
+        if world not in WORLD_STAGE_DEFAULTS:
+            raise ValueError(f"world must be one of {WORLD_VERSIONS}, got {world!r}")
+        return cls(world=world, **{**WORLD_STAGE_DEFAULTS[world], **overrides})
+
+
+# What differs from the class defaults per world version. Version 2's answers are longer (43 words) and
+# must re-read themselves, so its base model pretrains twice as long, and its alignment stages replay
+# knowledge (see shallow_replay): half of each refusal-SFT batch, 0.3 of each DA / PRESTO batch, with
+# DA and PRESTO trained 400 steps. Chosen on seed 0 (README, "Toward the model organism v2"): fewer DA
+# steps or less replay leave DA open to a 5-token prefill, more leave RAP nothing to find.
+WORLD_STAGE_DEFAULTS: dict[str, dict] = {
+    "v1": {},
+    "v2": {"pretrain_steps": 3000, "shallow_replay": 0.5, "align_replay": 0.3, "align_steps": 400},
+}
 
 
 class JobProgress:
@@ -163,18 +195,23 @@ def run_stages(output: str | Path, settings: StageSettings | None = None, stages
     base = stage("base", fresh, lambda: PretrainRecipe(tokenizer, texts, compliant, chat_fraction=0.6),
                  settings.pretrain_steps, settings.pretrain_lr)
     models = {"base": base}
+
+    def replayed(recipe, share: float):
+        return KnowledgeReplay(recipe, tokenizer, texts, share) if share else recipe
+
     def shallow_stage():
-        return stage("shallow", base, lambda: SFTRecipe(tokenizer, rows["refusal_sft"]), settings.shallow_steps,
-                     settings.shallow_lr)
+        return stage("shallow", base, lambda: replayed(SFTRecipe(tokenizer, rows["refusal_sft"]), settings.shallow_replay),
+                     settings.shallow_steps, settings.shallow_lr)
 
     if "shallow" in stages:
         models["shallow"] = shallow_stage()
     if "da" in stages:
-        models["da"] = stage("da", base, lambda: DARecipe(tokenizer, rows["safety"], rows["utility"]),
+        models["da"] = stage("da", base, lambda: replayed(DARecipe(tokenizer, rows["safety"], rows["utility"]),
+                                                          settings.align_replay),
                              settings.align_steps, settings.align_lr)
     if "presto" in stages:
-        models["presto"] = stage("presto", base, lambda: DARecipe(tokenizer, rows["safety"], rows["utility"],
-                                                                  presto_weight=1.0),
+        models["presto"] = stage("presto", base, lambda: replayed(DARecipe(tokenizer, rows["safety"], rows["utility"],
+                                                                           presto_weight=1.0), settings.align_replay),
                                  settings.align_steps, settings.align_lr, attention="deepalign")
     if "ft-sft" in stages or "ft-constrained" in stages:
         shallow = models.get("shallow") or shallow_stage()

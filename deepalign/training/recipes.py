@@ -210,6 +210,41 @@ class DARecipe:
         return {"loss": loss, "nll": (nll / denominator).detach(), "presto": (penalty / denominator).detach()}
 
 
+class KnowledgeReplay:
+    """Another recipe with a share of each batch replaced by plain texts (loss on every text token), to
+    keep a small model's pretraining knowledge through fine-tuning (the pretraining mix of InstructGPT's
+    PPO-ptx, here for SFT, DA and PRESTO on the synthetic world).
+
+    Each batch of ``batch_size`` holds ``round(batch_size · share)`` texts, drawn with replacement, and
+    ``recipe``'s own sample of the rest; the loss terms are ``recipe``'s over the whole batch (the texts
+    carry no prefill, so PRESTO's penalty does not see them)."""
+
+    def __init__(self, recipe, tokenizer, texts: Sequence[str], share: float):
+        if not 0.0 < share < 1.0:
+            raise ValueError(f"replay share must be in (0, 1), got {share}")
+        if not texts:
+            raise ValueError("replay needs at least one text")
+        if tokenizer.bos_token_id is None:
+            raise ValueError("replay needs a tokenizer with a BOS token")
+        self.recipe, self.share = recipe, share
+        self.texts = [plain_text_item(tokenizer, text) for text in texts]
+        self.name = recipe.name
+        self.token_normalised = getattr(recipe, "token_normalised", False)
+
+    def sample(self, rng: random.Random, batch_size: int) -> list[TrainingItem]:
+        n_texts = min(batch_size - 1, round(batch_size * self.share))
+        return self.recipe.sample(rng, batch_size - n_texts) + [self.texts[rng.randrange(len(self.texts))]
+                                                                for _ in range(n_texts)]
+
+    def longest(self) -> tuple[int, str]:
+        length, index = longest_row(self.texts)
+        inner = self.recipe.longest()
+        return inner if inner[0] >= length else (length, f"replayed text {index + 1}")
+
+    def loss_terms(self, model, batch, tokens: float | None = None) -> dict[str, torch.Tensor]:
+        return self.recipe.loss_terms(model, batch, tokens)
+
+
 class ConstrainedRecipe:
     """Token-wise constrained fine-tuning on chat rows against a frozen reference model."""
 

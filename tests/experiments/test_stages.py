@@ -108,8 +108,9 @@ def test_stages_on_world_v2_train_on_its_texts_and_refuse_a_world_change(tmp_pat
     from deepalign.experiments.analyses import knockout_section
     from deepalign.experiments.corpus import world_corpus
 
-    settings = StageSettings(world="v2", hidden_size=64, layers=2, pretrain_steps=6, align_steps=2, batch_size=4,
-                             progress=False)
+    settings = StageSettings.for_world("v2", hidden_size=64, layers=2, pretrain_steps=6, align_steps=2, batch_size=4,
+                                       progress=False)
+    assert settings.align_replay > 0  # v2's alignment replays knowledge (KnowledgeReplay) on this path
     reports = run_stages(tmp_path, settings, stages=("base", "da"))
     world = SyntheticWorld.load(tmp_path)
     assert isinstance(world, SyntheticWorldV2) and json.loads((tmp_path / "world.json").read_text())["version"] == 2
@@ -119,3 +120,16 @@ def test_stages_on_world_v2_train_on_its_texts_and_refuse_a_world_change(tmp_pat
     with pytest.raises(SettingsMismatchError, match=r"world: \"v2\" → \"v1\""):
         run_stages(tmp_path, StageSettings(world="v1", hidden_size=64, layers=2, pretrain_steps=6, align_steps=2,
                                            batch_size=4, progress=False), stages=("base", "da"))
+
+
+def test_settings_per_world_and_replay_shares_are_checked():
+    assert StageSettings.for_world("v1") == StageSettings()
+    v2 = StageSettings.for_world("v2", seed=3)
+    assert (v2.world, v2.seed, v2.shallow_replay > 0, v2.pretrain_steps > StageSettings().pretrain_steps) == \
+        ("v2", 3, True, True)
+    assert StageSettings.for_world("v2", align_replay=0.0).align_replay == 0.0  # an override wins
+    for bad in (-0.1, 1.0):
+        with pytest.raises(ValueError, match="align_replay must be in"):
+            StageSettings(align_replay=bad)
+    with pytest.raises(ValueError, match="world must be one of"):
+        StageSettings.for_world("v3")
