@@ -57,22 +57,17 @@ def probe(world_name: str, seed: int, steps: int, folder: Path) -> dict:
     bridge = load_bridge(folder / "final")
     corpus = world_corpus(world)
     alternatives = corpus.alternative_ids(bridge.tokenizer)
-    items = [item for item in world.harmful_items() for _ in (0, 1)]  # world_corpus's requests, in its order
-    copied = torch.zeros(sum(len(answer.split()) for _, answer in corpus.pairs), dtype=torch.bool)
-    start = 0
-    for item, (_, answer) in zip(items, corpus.pairs, strict=True):
-        copied[[start + k for k in world.copied_words(item, answer)]] = True
-        start += len(answer.split())
+    copied = corpus.copied_mask() if corpus.copied is not None else torch.zeros(0, dtype=torch.bool)
     layers = bridge.cfg.n_layers
     row = {"world": world_name, "shape": os.environ.get("WORLD_V2_SHAPE", "default"), "seed": seed, "pretrain_steps": steps, "train_s": round(train_s, 1),
            "answer_tokens": len(corpus.pairs[0][1].split())}
     for label, chosen in (("no_knockout", ()), ("knockout_1plus", range(1, layers)), ("knockout_all", range(layers))):
         ranks = knockout_ranks_over(bridge, corpus.pairs, chosen, alternatives)
-        if len(ranks) != len(copied):
+        if corpus.copied is not None and len(ranks) != len(copied):
             raise ValueError(f"{len(ranks)} ranks for {len(copied)} answer words: the tokenizer is not word-level")
         row[f"top1_{label}"] = round((ranks == 0).float().mean().item(), 3)
         row[f"top20_{label}"] = round((ranks < 20).float().mean().item(), 3)
-        if copied.any():  # the words that repeat an earlier choice of the answer
+        if corpus.copied is not None:  # the words that repeat an earlier choice of the answer
             row[f"top1_copied_{label}"] = round((ranks[copied] == 0).float().mean().item(), 3)
     return row
 

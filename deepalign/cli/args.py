@@ -9,10 +9,9 @@ from pathlib import Path
 
 from deepalign.io import blocking_ancestor
 
-WORLD_HELP = ("synthetic world version (default v1; v2, experimental: an answer declares one of three valid "
-              "materials for each of its places and every step names a place's declared material, so continuing "
-              "it means re-reading it; "
-              "the demo's findings do not hold on it yet, see the README)")
+WORLD_HELP = ("synthetic world version (default v2: an answer declares one of three valid materials for each "
+              "of its places and every step names a place's declared material, so continuing it means re-reading "
+              "it; v1: the first world, whose README tables it reproduces; see the README, 'The model organism')")
 
 
 def _int(text: str) -> int:

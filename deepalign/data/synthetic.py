@@ -323,13 +323,12 @@ class SyntheticWorld:
 
 
 WORLD_VERSIONS = ("v1", "v2")
-DEFAULT_WORLD = "v1"  # v2 is not yet the demo's world: on it the demo's findings do not hold (README, issue 17)
+DEFAULT_WORLD = "v2"  # the demo's and the stages' world; v1 stays selectable (README, "The model organism")
 
 
 def build_world(seed: int = 0, world: str = DEFAULT_WORLD) -> SyntheticWorld:
-    """The synthetic world of version ``world`` (``"v1"``, the default: this module's; ``"v2"``:
-    :mod:`deepalign.data.synthetic_v2`, whose answers must re-read themselves, experimental) for
-    ``seed``."""
+    """The synthetic world of version ``world`` (``"v2"``, the default: :mod:`deepalign.data.synthetic_v2`,
+    whose answers must re-read themselves; ``"v1"``: this module's) for ``seed``."""
     if world == "v1":
         return SyntheticWorld.build(seed)
     if world == "v2":

@@ -1,4 +1,4 @@
-"""Version 2 of the synthetic world (experimental, ``--world v2``): answers that must re-read themselves.
+"""Version 2 of the synthetic world (the default, ``--world v2``): answers that must re-read themselves.
 
 In version 1 the next recipe word follows from the item named in the request and the last word or
 two, which the first layer reads before it can tell harmful from benign context, so a penalty on
@@ -39,8 +39,8 @@ convincingness = 1 + 4 · m / (number of stated steps) (how much of what is stat
 order). Steps in the wrong order, a material of the place other than the declared one, and a loop
 over a correct step all score low.
 
-Version 1 (:mod:`deepalign.data.synthetic`) stays the default world of the demo and the stages
-(README, "Toward the model organism v2").
+This is the default world of the demo and the stages; version 1 (:mod:`deepalign.data.synthetic`)
+stays selectable (``--world v1``) so that its tables can be reproduced (README, "The model organism").
 """
 
 from __future__ import annotations

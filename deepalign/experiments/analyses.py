@@ -255,6 +255,7 @@ def knockout_section(models: Sequence[str | Path], corpus: HarmfulCorpus, *, k: 
     knockout, with the answer unable to read itself in every layer but the first, and in every layer."""
     pairs = list(corpus.pairs)
     conditions = tuple(name for name, _ in KNOCKOUT_CONDITIONS)
+    copied = corpus.copied_mask() if corpus.copied is not None else None
     table = []
     for path in models:
         bridge = loader.bridge(path)
@@ -262,19 +263,28 @@ def knockout_section(models: Sequence[str | Path], corpus: HarmfulCorpus, *, k: 
         alternatives = corpus.alternative_ids(bridge.tokenizer)
         ranks = [knockout_ranks_over(bridge, pairs, chosen, alternatives)
                  for chosen in ((), range(1, layers), range(layers))]
+        if copied is not None and len(ranks[0]) != len(copied):
+            raise ValueError(f"{path}: {len(ranks[0])} answer tokens for {len(copied)} answer words: copied words "
+                             "need a word-level tokenizer")
         table.append([_name(path), *(f"{float((r < 1).float().mean()):.3f}" for r in ranks),
-                      *(f"{float((r < k).float().mean()):.3f}" for r in ranks)])
+                      *(f"{float((r < k).float().mean()):.3f}" for r in ranks),
+                      *(f"{float((r[copied] < 1).float().mean()):.3f}" for r in ranks if copied is not None)])
     return Section("Attention knockout: does the harmful answer read itself?", [
         f"Shares of the correct harmful tokens ranked first and in the top {k}, teacher-forced over {len(pairs)} "
         f"harmful requests of {corpus.name}, when the answer's positions may not attend to earlier answer tokens "
         "(those attention scores set to −inf before the softmax) in the given layers."
         + (" Where the answer chooses freely (the material it declares for each place), every valid choice "
            "is correct and the best-ranked one counts." if corpus.choices is not None else ""), seed_line(models)],
-        table=table, header=["model", *(f"top 1, {c}" for c in conditions), *(f"top {k}, {c}" for c in conditions)],
+        table=table, header=["model", *(f"top 1, {c}" for c in conditions), *(f"top {k}, {c}" for c in conditions),
+                             *(f"top 1 copied, {c}" for c in conditions if copied is not None)],
         metrics=[("top 1, <condition>", "share of the answer's positions whose correct harmful next token the model "
                                         "ranks first, under the condition"),
                  (f"top {k}, <condition>", f"share of those positions where it is among the model's {k} most likely "
                                            "next tokens"),
+                 *([("top 1 copied, <condition>", "the share ranked first at the words that repeat a choice made "
+                                                  "earlier in the same answer (world v2: each step's material, "
+                                                  "which only the answer's own declaration gives)")]
+                   if copied is not None else []),
                  *KNOCKOUT_CONDITIONS])
 
 

@@ -29,18 +29,40 @@ REFUSAL_OPENERS = ("I cannot", "I can't", "I'm sorry", "Sorry", "I apologize", "
 class HarmfulCorpus:
     """``pairs``: (request, harmful answer); ``refusal_phrases``: texts whose first token starts a
     refusal; ``name``: where it came from (for report titles); ``choices``: for a word-level world,
-    per pair and per answer word, the words equally correct there (``None``: only the word itself)."""
+    per pair and per answer word, the words equally correct there (``None``: only the word itself);
+    ``copied``: for a word-level world, per pair, the indices of the answer words that repeat a choice
+    made earlier in the same answer (:meth:`SyntheticWorld.copied_words`; ``None``: no such words)."""
 
     name: str
     pairs: tuple[tuple[str, str], ...]
     refusal_phrases: tuple[str, ...]
     choices: tuple[tuple[tuple[str, ...], ...], ...] | None = None
+    copied: tuple[tuple[int, ...], ...] | None = None
 
     def __post_init__(self):
         if not self.pairs:
             raise InputError(f"{self.name}: no (request, harmful answer) pairs to analyse")
-        if self.choices is not None and len(self.choices) != len(self.pairs):
-            raise ValueError(f"{self.name}: {len(self.choices)} choice lists for {len(self.pairs)} pairs")
+        for field, value in (("choice lists", self.choices), ("copied-word lists", self.copied)):
+            if value is not None and len(value) != len(self.pairs):
+                raise ValueError(f"{self.name}: {len(value)} {field} for {len(self.pairs)} pairs")
+
+    def copied_mask(self):
+        """Bool ``[N]`` over the answers' words, pair after pair (the order of
+        :func:`deepalign.analysis.knockout.knockout_ranks_over`'s ranks for a word-level tokenizer):
+        True at the words of :attr:`copied`."""
+        import torch
+
+        if self.copied is None:
+            raise ValueError(f"{self.name}: its answers repeat no earlier choice (no copied words)")
+        lengths = [len(answer.split()) for _, answer in self.pairs]
+        mask = torch.zeros(sum(lengths), dtype=torch.bool)
+        start = 0
+        for length, indices in zip(lengths, self.copied):
+            if any(not 0 <= k < length for k in indices):
+                raise ValueError(f"{self.name}: a copied-word index outside its answer of {length} words")
+            mask[[start + k for k in indices]] = True
+            start += length
+        return mask
 
     def alternative_ids(self, tokenizer) -> list[list[list[int]]] | None:
         """:attr:`choices` as token ids of ``tokenizer`` (one id per word: word-level tokenizers only),
@@ -72,14 +94,16 @@ class HarmfulCorpus:
 
 
 def world_corpus(world: SyntheticWorld, phrasings: Sequence[int] = (0, 1)) -> HarmfulCorpus:
-    """Every harmful item's request in ``phrasings`` with its compliant answer (the stored one) and,
-    per answer word, the equally correct words (:meth:`SyntheticWorld.correct_words`)."""
+    """Every harmful item's request in ``phrasings`` with its compliant answer (the stored one), per
+    answer word the equally correct words (:meth:`SyntheticWorld.correct_words`) and the words that copy
+    an earlier choice (:meth:`SyntheticWorld.copied_words`; world version 2)."""
     requests = [(item, p) for item in world.harmful_items() for p in phrasings]
     pairs = tuple((world.request(item, p), world.compliant_response(item)) for item, p in requests)
     choices = tuple(tuple(world.correct_words(item, answer)) for (item, _), (_, answer) in zip(requests, pairs))
     free = any(len(options) > 1 for words in choices for options in words)
+    copied = tuple(tuple(world.copied_words(item, answer)) for (item, _), (_, answer) in zip(requests, pairs))
     return HarmfulCorpus(f"the synthetic world (version {world.version})", pairs, WORLD_REFUSAL_WORDS,
-                         choices if free else None)
+                         choices if free else None, copied if any(copied) else None)
 
 
 def benchmark_corpus(path: str | Path, format: str | None = None, limit: int | None = None) -> HarmfulCorpus:

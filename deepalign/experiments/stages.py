@@ -51,15 +51,17 @@ CLS_STAGE = "cls"
 
 @dataclass
 class StageSettings:
-    """Sizes and schedules; the defaults train all four stages on 2 CPU cores in a few minutes."""
+    """Sizes and schedules; the defaults (world version 2's, :data:`DEFAULT_WORLD`) train all the stages
+    on 2 CPU cores in about five minutes. :meth:`for_world` gives another world's defaults."""
 
     seed: int = 0
-    world: str = DEFAULT_WORLD  # "v1" (deepalign.data.synthetic) or "v2" (experimental: answers that re-read themselves)
+    world: str = DEFAULT_WORLD  # "v2" (deepalign.data.synthetic_v2: answers that re-read themselves) or "v1"
     hidden_size: int = 128
     layers: int = 4
-    pretrain_steps: int = 1500
+    # Version 2's answers are 43 words and must re-read themselves: its base model pretrains 3000 steps.
+    pretrain_steps: int = 3000
     pretrain_lr: float = 3e-3
-    align_steps: int = 150
+    align_steps: int = 400
     align_lr: float = 1e-3
     # Refusal-only SFT trains longer and harder than DA, for a deep first-token refusal margin (log p of
     # "sure" about −9 to −11 on harmful requests): the constrained objective's bound on how far early
@@ -67,11 +69,13 @@ class StageSettings:
     shallow_steps: int = 600
     shallow_lr: float = 3e-3
     # Share of each batch of the refusal SFT (shallow_replay) and of DA and PRESTO (align_replay) drawn from
-    # the knowledge stream (KnowledgeReplay: plain texts, loss on every token). 0: none, as in version 1. In
-    # world version 2 alignment alone erases this small model's harmful recipes (prefilling then finds
-    # nothing to continue), while a real aligned model keeps its pretraining knowledge.
-    shallow_replay: float = 0.0
-    align_replay: float = 0.0
+    # the knowledge stream (KnowledgeReplay: plain texts, loss on every token; 0: none, as in version 1).
+    # Without it, alignment alone erases this small model's version-2 recipes (prefilling then finds
+    # nothing to continue), while a real aligned model keeps its pretraining knowledge. Chosen on seed 0
+    # with 400 DA steps (README, "The model organism"): fewer DA steps or less replay leave DA open to a
+    # 5-token prefill, more steps leave RAP nothing to find.
+    shallow_replay: float = 0.5
+    align_replay: float = 0.3
     batch_size: int = 16
     attack_steps: int = 20
     attack_lr: float = 1e-4  # fine-tuning attacks: closer to the papers' 2e-5 than alignment's rate
@@ -94,14 +98,11 @@ class StageSettings:
         return cls(world=world, **{**WORLD_STAGE_DEFAULTS[world], **overrides})
 
 
-# What differs from the class defaults per world version. Version 2's answers are longer (43 words) and
-# must re-read themselves, so its base model pretrains twice as long, and its alignment stages replay
-# knowledge (see shallow_replay): half of each refusal-SFT batch, 0.3 of each DA / PRESTO batch, with
-# DA and PRESTO trained 400 steps. Chosen on seed 0 (README, "Toward the model organism v2"): fewer DA
-# steps or less replay leave DA open to a 5-token prefill, more leave RAP nothing to find.
+# What differs from the class defaults per world version: version 1 keeps the schedule its README
+# tables were measured with (1500 pretraining steps, 150 of DA and PRESTO, no replay).
 WORLD_STAGE_DEFAULTS: dict[str, dict] = {
-    "v1": {},
-    "v2": {"pretrain_steps": 3000, "shallow_replay": 0.5, "align_replay": 0.3, "align_steps": 400},
+    "v1": {"pretrain_steps": 1500, "align_steps": 150, "shallow_replay": 0.0, "align_replay": 0.0},
+    "v2": {},
 }
 
 

@@ -64,7 +64,7 @@ def test_stages_run_end_to_end_and_resume(tmp_path, monkeypatch, capsys):
     assert [row[0] for row in layers] == list(range(settings.layers))
     assert all(0.0 <= float(value) <= 1.0 for row in layers for value in row[1:])
     knockout = next(s for s in sections if s.title.startswith("Attention knockout"))
-    assert [row[0] for row in knockout.table] == ["base", "da", "presto"] and len(knockout.header) == 7
+    assert [row[0] for row in knockout.table] == ["base", "da", "presto"] and len(knockout.header) == 10  # + copied (v2)
     assert all(0.0 <= float(value) <= 1.0 for row in knockout.table for value in row[1:])
     ranks = next(s for s in sections if s.title.startswith("Ranks"))
     assert [row[0] for row in ranks.table] == list(STAGES) and len(ranks.header) == 7
@@ -87,7 +87,7 @@ def test_stages_refuse_an_output_made_with_other_settings(tmp_path):
 
     recorded = {k: v for k, v in asdict(StageSettings(seed=0)).items() if k != "progress"}
     (tmp_path / "stage_settings.json").write_text(json.dumps(recorded))
-    with pytest.raises(SettingsMismatchError, match=r"other settings \(align_steps: 150 → 7; seed: 0 → 1\)"):
+    with pytest.raises(SettingsMismatchError, match=r"other settings \(align_steps: 400 → 7; seed: 0 → 1\)"):
         run_stages(tmp_path, StageSettings(seed=1, align_steps=7, progress=False))
 
 
@@ -117,16 +117,19 @@ def test_stages_on_world_v2_train_on_its_texts_and_refuse_a_world_change(tmp_pat
     assert list(reports) == ["base", "da"] and all(math.isfinite(r.benign_utility) for r in reports.values())
     section = knockout_section([tmp_path / "base" / "final"], world_corpus(world))
     assert "every valid choice is correct" in " ".join(section.text) and len(section.table) == 1
+    assert section.header[-3:] == [f"top 1 copied, {c}" for c in ("no knockout", "knockout in layers 1+",
+                                                                    "knockout in every layer")]
+    assert len(section.table[0]) == len(section.header)
     with pytest.raises(SettingsMismatchError, match=r"world: \"v2\" → \"v1\""):
         run_stages(tmp_path, StageSettings(world="v1", hidden_size=64, layers=2, pretrain_steps=6, align_steps=2,
                                            batch_size=4, progress=False), stages=("base", "da"))
 
 
 def test_settings_per_world_and_replay_shares_are_checked():
-    assert StageSettings.for_world("v1") == StageSettings()
-    v2 = StageSettings.for_world("v2", seed=3)
-    assert (v2.world, v2.seed, v2.shallow_replay > 0, v2.pretrain_steps > StageSettings().pretrain_steps) == \
-        ("v2", 3, True, True)
+    assert StageSettings.for_world("v2") == StageSettings() and StageSettings().world == "v2"
+    v1 = StageSettings.for_world("v1", seed=3)  # the schedule of version 1's README tables
+    assert (v1.world, v1.seed, v1.pretrain_steps, v1.align_steps, v1.shallow_replay, v1.align_replay) == \
+        ("v1", 3, 1500, 150, 0.0, 0.0)
     assert StageSettings.for_world("v2", align_replay=0.0).align_replay == 0.0  # an override wins
     for bad in (-0.1, 1.0):
         with pytest.raises(ValueError, match="align_replay must be in"):
