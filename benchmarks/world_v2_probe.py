@@ -2,7 +2,8 @@
 
 Measured on the *base* model before any alignment run, as the issue asks: a 4-layer Llama of width
 128 is pretrained exactly as ``deepalign stages`` pretrains its base (the world's knowledge stream and
-compliant chats, 60 % chat rows, 16 rows a step, lr 3e-3), then the stored harmful answers of the
+compliant chats, 60 % chat rows, 16 rows a step, lr 3e-3, the world's number of steps: 3000 on v2,
+1500 on v1), then the stored harmful answers of the
 ten harmful items in two phrasings are teacher-forced with and without attention knockout
 (:func:`deepalign.analysis.knockout.knockout_ranks_over`: response queries may not read earlier
 response tokens in the given layers). Each row gives the share of answer tokens ranked first and in
@@ -12,7 +13,7 @@ the answer (:meth:`~deepalign.data.synthetic.SyntheticWorld.copied_words`). The 
 layers ≥ 1.
 
     python -m benchmarks.world_v2_probe [--quick] [--no-save]     (--quick: 300 steps, seed 0)
-    WORLD_V2_STEPS=1500 WORLD_V2_SEEDS=0,1,2 WORLD_V2_WORLDS=v1,v2 python -m benchmarks.world_v2_probe
+    WORLD_V2_STEPS=1500 WORLD_V2_SEEDS=0,1,2 WORLD_V2_WORLDS=v1,v2 python -m benchmarks.world_v2_probe   (other steps, worlds)
 """
 
 from __future__ import annotations
@@ -75,9 +76,12 @@ def probe(world_name: str, seed: int, steps: int, folder: Path) -> dict:
 def run(quick: bool) -> list[dict]:
     worlds = os.environ.get("WORLD_V2_WORLDS", "v2").split(",")
     seeds = [int(s) for s in os.environ.get("WORLD_V2_SEEDS", "0" if quick else "0,1,2").split(",")]
-    steps = int(os.environ.get("WORLD_V2_STEPS", "300" if quick else "1500"))
+    given = os.environ.get("WORLD_V2_STEPS", "300" if quick else "")
     rows = []
     for world in worlds:
+        from deepalign.experiments.stages import StageSettings
+
+        steps = int(given) if given else StageSettings.for_world(world).pretrain_steps  # as deepalign stages
         for seed in seeds:
             with tempfile.TemporaryDirectory() as folder:
                 row = probe(world, seed, steps, Path(folder))
