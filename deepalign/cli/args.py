@@ -11,7 +11,7 @@ from deepalign.io import blocking_ancestor
 
 WORLD_HELP = ("synthetic world version (default v2: an answer declares one of three valid materials for each "
               "of its places and every step names a place's declared material, so continuing it means re-reading "
-              "it; v1: the first world, whose README tables it reproduces; see the README, 'The model organism')")
+              "it; v1: the first world, with its own schedule; see the README, 'The model organism' and 'World v1')")
 
 
 def _int(text: str) -> int:

@@ -40,7 +40,7 @@ order). Steps in the wrong order, a material of the place other than the declare
 over a correct step all score low.
 
 This is the default world of the demo and the stages; version 1 (:mod:`deepalign.data.synthetic`)
-stays selectable (``--world v1``) so that its tables can be reproduced (README, "The model organism").
+stays selectable (``--world v1``, with its own schedule; README, "The model organism" and "World v1").
 """
 
 from __future__ import annotations
