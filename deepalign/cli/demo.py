@@ -27,7 +27,7 @@ def register(commands) -> None:
     stages.add_argument("--pretrain-steps", type=positive_int,
                         help="base-model steps (default: 1500 on v1, 3000 on v2)")
     stages.add_argument("--align-steps", type=positive_int,
-                        help="steps of DA and PRESTO (default: 150 on v1, 400 on v2; refusal-only SFT trains 600)")
+                        help="steps of DA and PRESTO (default: 150 on v1, 350 on v2; refusal-only SFT trains 600)")
     stages.set_defaults(run=run_stages)
 
 

@@ -61,7 +61,7 @@ class StageSettings:
     # Version 2's answers are 43 words and must re-read themselves: its base model pretrains 3000 steps.
     pretrain_steps: int = 3000
     pretrain_lr: float = 3e-3
-    align_steps: int = 400
+    align_steps: int = 350
     align_lr: float = 1e-3
     # Refusal-only SFT trains longer and harder than DA, for a deep first-token refusal margin (log p of
     # "sure" about −9 to −11 on harmful requests): the constrained objective's bound on how far early
@@ -71,9 +71,9 @@ class StageSettings:
     # Share of each batch of the refusal SFT (shallow_replay) and of DA and PRESTO (align_replay) drawn from
     # the knowledge stream (KnowledgeReplay: plain texts, loss on every token; 0: none, as in version 1).
     # Without it, alignment alone erases this small model's version-2 recipes (prefilling then finds
-    # nothing to continue), while a real aligned model keeps its pretraining knowledge. Chosen on seed 0
-    # with 400 DA steps (README, "The model organism"): fewer DA steps or less replay leave DA open to a
-    # 5-token prefill, more steps leave RAP nothing to find.
+    # nothing to continue), while a real aligned model keeps its pretraining knowledge. Replay 0.3 with 350
+    # DA / PRESTO steps, chosen over the demo's seeds (README, "The model organism"): fewer steps or less
+    # replay leave DA open to a 5-token prefill, more steps leave RAP little to find.
     shallow_replay: float = 0.5
     align_replay: float = 0.3
     batch_size: int = 16

@@ -87,7 +87,7 @@ def test_stages_refuse_an_output_made_with_other_settings(tmp_path):
 
     recorded = {k: v for k, v in asdict(StageSettings(seed=0)).items() if k != "progress"}
     (tmp_path / "stage_settings.json").write_text(json.dumps(recorded))
-    with pytest.raises(SettingsMismatchError, match=r"other settings \(align_steps: 400 → 7; seed: 0 → 1\)"):
+    with pytest.raises(SettingsMismatchError, match=r"other settings \(align_steps: 350 → 7; seed: 0 → 1\)"):
         run_stages(tmp_path, StageSettings(seed=1, align_steps=7, progress=False))
 
 
