@@ -39,3 +39,22 @@ def test_a_benchmark_file_gives_its_harmful_answers(tmp_path):
     lines.write_text("just a prompt\n")
     with pytest.raises(InputError, match="prompts.txt: no target has a harmful response or a prefill"):
         benchmark_corpus(lines)
+
+
+def test_copied_words_mask_the_answer_words_pair_after_pair(world):
+    from deepalign.data.synthetic import build_world
+
+    v2 = build_world(0, "v2")
+    corpus = world_corpus(v2)
+    mask = corpus.copied_mask()
+    lengths = [len(answer.split()) for _, answer in corpus.pairs]
+    assert mask.shape == (sum(lengths),) and int(mask.sum()) == sum(len(c) for c in corpus.copied)
+    first = corpus.pairs[0][1].split()
+    assert [first[k] for k in corpus.copied[0]] == [step.split()[1] for step in v2.harmful_items()[0].recipe]
+    assert world_corpus(world).copied is None  # version 1 copies nothing
+    with pytest.raises(ValueError, match="no copied words"):
+        world_corpus(world).copied_mask()
+    with pytest.raises(ValueError, match="outside its answer of 2 words"):
+        HarmfulCorpus("z", (("q", "a b"),), ("a",), copied=((2,),)).copied_mask()
+    with pytest.raises(ValueError, match="1 copied-word lists for 2 pairs"):
+        HarmfulCorpus("z", (("q", "a"), ("r", "b")), ("a",), copied=((0,),))
