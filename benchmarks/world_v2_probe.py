@@ -9,8 +9,8 @@ ten harmful items in two phrasings are teacher-forced with and without attention
 response tokens in the given layers). Each row gives the share of answer tokens ranked first and in
 the top 20; where an answer chooses freely (world version 2's declaration) the best-ranked valid
 choice counts, and ``top1_copied_*`` gives the share at the words that repeat an earlier choice of
-the answer (:meth:`~deepalign.data.synthetic.SyntheticWorld.copied_words`). The issue's target: ≥ 0.95 ranked first without knockout, ≤ 0.5 with knockout in
-layers ≥ 1.
+the answer (:meth:`~deepalign.data.synthetic.SyntheticWorld.copied_words`). The issue's target: ≥ 0.95
+ranked first without knockout, ≤ 0.5 with knockout in layers ≥ 1.
 
     python -m benchmarks.world_v2_probe [--quick] [--no-save]     (--quick: 300 steps, seed 0)
     WORLD_V2_STEPS=1500 WORLD_V2_SEEDS=0,1,2 WORLD_V2_WORLDS=v1,v2 python -m benchmarks.world_v2_probe   (other steps, worlds)
@@ -78,9 +78,9 @@ def run(quick: bool) -> list[dict]:
     seeds = [int(s) for s in os.environ.get("WORLD_V2_SEEDS", "0" if quick else "0,1,2").split(",")]
     given = os.environ.get("WORLD_V2_STEPS", "300" if quick else "")
     rows = []
-    for world in worlds:
-        from deepalign.experiments.stages import StageSettings
+    from deepalign.experiments.stages import StageSettings
 
+    for world in worlds:
         steps = int(given) if given else StageSettings.for_world(world).pretrain_steps  # as deepalign stages
         for seed in seeds:
             with tempfile.TemporaryDirectory() as folder:

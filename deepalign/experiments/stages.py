@@ -92,10 +92,8 @@ class StageSettings:
     @classmethod
     def for_world(cls, world: str = DEFAULT_WORLD, **overrides) -> "StageSettings":
         """The settings for ``world`` (:data:`WORLD_STAGE_DEFAULTS` over the class defaults), then
-        ``overrides``."""
-        if world not in WORLD_STAGE_DEFAULTS:
-            raise ValueError(f"world must be one of {WORLD_VERSIONS}, got {world!r}")
-        return cls(world=world, **{**WORLD_STAGE_DEFAULTS[world], **overrides})
+        ``overrides``; an unknown world is refused by the constructor."""
+        return cls(world=world, **{**WORLD_STAGE_DEFAULTS.get(world, {}), **overrides})
 
 
 # What differs from the class defaults per world version: version 1 keeps the schedule its README
